@@ -17,8 +17,8 @@ Base text backends (chosen by `Tokenizer.from_pretrained` from the files present
     tokenizer.json        Hugging Face `tokenizers` (SmolLM2)     needs `tokenizers`
     word_tokenizer.json   built-in word vocabulary for toy models trained from scratch
 
-Encoding splits the text on added tokens first (longest match, so "<eosp>" beats "<eos>" and
-"<305>" is one token), then encodes each text piece on its own with the backend. For SentencePiece
+Encoding splits the text on added tokens first (longest match: of two added tokens starting at
+the same character the longer wins; "<305>" is one token), then encodes each text piece on its own with the backend. For SentencePiece
 this is what Hugging Face's slow `LlamaTokenizer` does with `legacy=True` (the behaviour SpeechGPT
 was built with): every text piece gets SentencePiece's dummy-prefix space, so the ":" after
 "[Human]" is encoded as "▁:". Whitespace next to an added token is kept as text (transformers
@@ -252,7 +252,7 @@ class Tokenizer:
                                      f"{self.added[f'<{u}>']} and <0> has id {self.unit_offset}")
         self.vocab_size = next_id
         self.id_to_added = {i: t for t, i in self.added.items()}
-        # Longest first, so that at any position the longest added token wins ("<eosp>" over "<eos>").
+        # Longest first: at any position the longest added token matches (re tries alternatives in order).
         self.added_re = re.compile("|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True)))
         self.bos_id, self.eos_id, self.pad_id = backend.bos_id, backend.eos_id, backend.pad_id
 

@@ -190,7 +190,7 @@ def test_save_and_load(tokenizers, backend, tmp_path):
 def test_added_tokens_json_is_the_truth(sp_dir, tmp_path):
     (tmp_path / "tokenizer.model").write_bytes((sp_dir / "tokenizer.model").read_bytes())
     # A non-standard table: a pad token first, the specials before the units, and only 50 units.
-    table = {"<pad>": 330}
+    table = {"<pad>": 330, "<pad>_long": 337}
     table.update({t: 331 + i for i, t in enumerate(SPECIAL_TOKENS)})
     table.update({f"<{u}>": 400 + u for u in range(50)})
     (tmp_path / "added_tokens.json").write_text(json.dumps(table))
@@ -198,6 +198,7 @@ def test_added_tokens_json_is_the_truth(sp_dir, tmp_path):
     assert tok.n_units == 50 and tok.unit_offset == 400 and tok.vocab_size == 450
     assert tok.encode("<pad><sosp><49><eosp><eos>") == [330, 331, 449, 332, 336]
     assert tok.decode([330, 331, 449]) == "<pad><sosp><49>"
+    assert tok.encode("<pad>_long<pad>_lon") == [337, 330] + tok.backend.encode("_lon")  # longest match
     with pytest.raises(ValueError, match="not assigned"):
         tok.decode([380])
 
