@@ -1,0 +1,136 @@
+"""Unit vocoder: the released format (golden vector), presets, save/load, errors, and training."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from speechgpt_min.vocoder import UnitVocoder, VocoderConfig
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "unit_hifigan"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    if not (REFERENCE / "g_tiny.pt").exists():
+        pytest.skip(f"reference vocoder files not found at {REFERENCE}")
+    return REFERENCE
+
+
+@pytest.fixture(scope="module")
+def expected(reference):
+    return load_file(str(reference / "tiny_expected.safetensors"))
+
+
+def released_dir(reference, tmp_path, weights):
+    """The released layout: a checkpoint file with config.json beside it."""
+    shutil.copy(reference / weights, tmp_path / weights)
+    shutil.copy(reference / "tiny_config.json", tmp_path / "config.json")
+    return tmp_path / weights
+
+
+def check_golden(vocoder, expected):
+    codes = expected["codes"]
+    with torch.inference_mode():
+        assert torch.equal(vocoder.predict_durations(codes), expected["durations"])
+        torch.testing.assert_close(vocoder(codes), expected["wav_with_duration_prediction"][:, 0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(vocoder(codes, torch.ones_like(codes)),
+                                   expected["wav_without_duration_prediction"][:, 0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("weights", ["g_tiny.pt", "tiny_generator.safetensors"])
+def test_released_checkpoint_reproduces_golden_vector(reference, expected, tmp_path, weights):
+    vocoder = UnitVocoder.from_pretrained(released_dir(reference, tmp_path, weights))
+    assert not vocoder.training
+    check_golden(vocoder, expected)
+    # durations given explicitly reproduce the predicted-duration waveform
+    with torch.inference_mode():
+        wav = vocoder(expected["codes"], expected["durations"])
+    torch.testing.assert_close(wav, expected["wav_with_duration_prediction"][:, 0], atol=1e-5, rtol=0)
+
+
+def test_directory_path_finds_released_checkpoint(reference, expected, tmp_path):
+    released_dir(reference, tmp_path, "g_tiny.pt")
+    check_golden(UnitVocoder.from_pretrained(tmp_path), expected)
+
+
+def test_remove_weight_norm_keeps_output(reference, expected, tmp_path):
+    vocoder = UnitVocoder.from_pretrained(released_dir(reference, tmp_path, "g_tiny.pt"))
+    vocoder.remove_weight_norm()
+    assert not any("parametrizations" in key for key in vocoder.state_dict())
+    check_golden(vocoder, expected)
+
+
+def test_save_pretrained_round_trip(reference, expected, tmp_path):
+    vocoder = UnitVocoder.from_pretrained(released_dir(reference, tmp_path, "g_tiny.pt"))
+    vocoder.save_pretrained(tmp_path / "ours")
+    assert set(load_file(str(tmp_path / "ours" / "model.safetensors"))) == \
+        set(torch.load(reference / "g_tiny.pt", weights_only=True)["generator"])
+    check_golden(UnitVocoder.from_pretrained(tmp_path / "ours"), expected)
+    # weight norm folded away, saved again as weight_g / weight_v: same waveform
+    vocoder.remove_weight_norm().save_pretrained(tmp_path / "folded")
+    check_golden(UnitVocoder.from_pretrained(tmp_path / "folded"), expected)
+
+
+def test_km1000_preset_matches_released_layout(reference):
+    layout = json.loads((reference / "km1000_layout.json").read_text())
+    with torch.device("meta"):
+        vocoder = UnitVocoder(VocoderConfig.from_preset("unit-hifigan-km1000"))
+    shapes = {key: list(value.shape) for key, value in vocoder.released_state_dict().items()}
+    assert shapes == layout["keys"]
+    assert sum(p.numel() for p in vocoder.parameters()) == layout["num_params"]
+    assert VocoderConfig.from_dict(layout["config"]) == VocoderConfig.from_preset("unit-hifigan-km1000")
+
+
+def test_config_json_round_trip():
+    config = VocoderConfig.from_preset("toy")
+    assert VocoderConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_unknown_preset_lists_valid_names():
+    with pytest.raises(ValueError, match="toy.*unit-hifigan-km1000"):
+        VocoderConfig.from_preset("unit-hifigan")
+
+
+def test_upsample_rates_must_multiply_to_hop():
+    with pytest.raises(ValueError, match="hop"):
+        VocoderConfig(upsample_rates=(5, 4, 4, 2), upsample_kernel_sizes=(11, 8, 8, 4))
+
+
+@pytest.mark.parametrize("units, error, match", [
+    (torch.tensor([[3, 100]]), ValueError, r"\[0, 100\)"),
+    (torch.tensor([[-1, 4]]), ValueError, r"\[0, 100\)"),
+    (torch.zeros(1, 0, dtype=torch.long), ValueError, "non-empty"),
+    (torch.tensor([3, 4]), ValueError, r"\(batch, units\)"),
+    (torch.tensor([[3.0, 4.0]]), TypeError, "torch.long"),
+    ([[3, 4]], TypeError, "torch.long"),
+])
+def test_bad_units_get_clear_errors(units, error, match):
+    vocoder = UnitVocoder(VocoderConfig.from_preset("toy")).eval()
+    with pytest.raises(error, match=match):
+        vocoder(units)
+
+
+def test_missing_files_get_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such vocoder checkpoint"):
+        UnitVocoder.from_pretrained(tmp_path / "absent.pt")
+    UnitVocoder(VocoderConfig.from_preset("toy")).save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        UnitVocoder.from_pretrained(tmp_path)
+
+
+def test_batch_with_different_lengths_matches_single_items():
+    torch.manual_seed(0)
+    vocoder = UnitVocoder(VocoderConfig.from_preset("toy")).eval()
+    units = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    durations = torch.tensor([[2, 1, 1], [1, 1, 1]])
+    with torch.inference_mode():
+        batch = vocoder(units, durations)
+        first, second = vocoder(units[:1], durations[:1]), vocoder(units[1:], durations[1:])
+    assert batch.shape == (2, 4 * 320)
+    torch.testing.assert_close(batch[0], first[0])
+    torch.testing.assert_close(batch[1, :3 * 320], second[0])
+    assert (batch[1, 3 * 320:] == 0).all()
