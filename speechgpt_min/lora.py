@@ -232,8 +232,8 @@ def read_adapter_config(directory):
         raise LoRAError(f"{path}: peft_type is {raw.get('peft_type')!r}, only 'LORA' is supported")
     if raw.get("bias", "none") != "none":
         raise LoRAError(f"{path}: bias={raw['bias']!r} is not supported (only 'none')")
-    for key in ("fan_in_fan_out", "use_dora", "use_rslora", "modules_to_save", "layers_to_transform",
-                "rank_pattern", "alpha_pattern"):
+    for key in ("fan_in_fan_out", "use_dora", "use_rslora", "lora_bias", "modules_to_save", "layers_to_transform",
+                "exclude_modules", "rank_pattern", "alpha_pattern", "trainable_token_indices", "target_parameters"):
         if raw.get(key):  # False, None, [] and {} mean the option is off
             raise LoRAError(f"{path}: {key}={raw[key]!r} is not supported")
     targets = raw.get("target_modules")
