@@ -101,28 +101,33 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):  # (..., dim) -> (..., dim)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # F.rms_norm is x * rsqrt(mean(x^2) + eps) in one kernel; the weight is applied after
+        # casting back to x's dtype, as in HF, so bf16 results match too
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def rope_tables(head_dim, max_seq_len, theta, device=None):
-    """cos and sin of every position's rotation angles, each (max_seq_len, head_dim), float32.
+    """Rotation tables for every position: cos and signed sin, each (max_seq_len, head_dim), float32.
 
-    Pair i of the half-split layout, (x[i], x[i + head_dim/2]), rotates by pos * theta^(-2i/head_dim);
-    both halves of the table repeat the same angles.
+    Pair i of the half-split layout, (x[i], x[i + head_dim/2]), rotates by angle pos * theta^(-2i/head_dim):
+        x[i]       <- x[i] cos - x[i + hd/2] sin
+        x[i + hd/2] <- x[i + hd/2] cos + x[i] sin
+    so cos repeats the angles' cosines in both halves, and sin is [-sin, +sin].
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float, device=device), inv_freq)  # (S, hd/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (S, hd)
-    return angles.cos(), angles.sin()
+    cos = torch.cat((angles.cos(), angles.cos()), dim=-1)   # (S, hd)
+    sin = torch.cat((-angles.sin(), angles.sin()), dim=-1)  # (S, hd)
+    return cos, sin
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, n_heads, T, head_dim) by cos/sin (T, head_dim): HF's rotate_half convention."""
-    x1, x2 = x.chunk(2, dim=-1)                  # each (B, nh, T, hd/2)
-    rotated = torch.cat((-x2, x1), dim=-1)       # (B, nh, T, hd)
-    return x * cos + rotated * sin
+    """Rotate x (B, n_heads, T, head_dim) by the tables cos/sin (T, head_dim) of `rope_tables`.
+
+    Same numbers as HF's x * cos + rotate_half(x) * sin, where rotate_half(x) = [-x2, x1]: here the
+    halves are swapped with one roll, [x2, x1], and the minus sign lives in the sin table.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class KVCache:
