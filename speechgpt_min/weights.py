@@ -6,19 +6,19 @@
     save_pretrained(model, "out/")          # transformers.LlamaForCausalLM.from_pretrained("out/") opens it
 
 Loading is strict and low on memory: the model is built on the "meta" device (shapes, no storage),
-each source tensor is read from its shard (safetensors are memory-mapped), checked against the
-table below and copied once into its final dtype and device; load_state_dict(assign=True) then
-adopts those tensors. Every tensor of the file must be used and every parameter filled; the only
+each source tensor is read from its shard into its own memory, checked against the table below and
+converted to the wanted dtype and device (a copy only if they differ); load_state_dict(assign=True)
+then adopts those tensors, so the weights exist once. Every tensor of the file must be used and every parameter filled; the only
 keys skipped are listed in SKIPPED_SUFFIXES. `.bin` files are read with torch.load(weights_only=True).
 """
 import json
 import struct
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .model import LMConfig, Transformer
@@ -119,8 +119,15 @@ def config_to_hf(cfg, dtype=torch.float32, bos_token_id=None, eos_token_id=None)
 
 # ----------------------------------------------------------------------------- reading files
 
-def check_safetensors(file):
-    """Raise WeightsError naming the first tensor that a truncated or corrupt file cannot hold."""
+# safetensors: 8 bytes little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
+# then the raw little-endian bytes of every tensor.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def safetensors_header(file):
+    """(header dict, byte offset of the data); WeightsError naming the first tensor a truncated file lacks."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -131,28 +138,50 @@ def check_safetensors(file):
             header = json.loads(f.read(n))
         except ValueError as err:
             raise WeightsError(f"{file}: corrupt safetensors header ({err})") from None
+    header.pop("__metadata__", None)
     for name, info in header.items():
-        if name != "__metadata__" and 8 + n + info["data_offsets"][1] > size:
+        if info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise WeightsError(f"{file}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        if 8 + n + info["data_offsets"][1] > size:
             raise WeightsError(f"{file}: truncated: tensor {name!r} ends at byte {8 + n + info['data_offsets'][1]}"
                                f" but the file has {size} bytes")
+    return header, 8 + n
+
+
+def read_safetensors(file):
+    """Yield (name, tensor) from a .safetensors file, each read straight into its own new memory.
+
+    Plain reads rather than a memory map: mapped pages stay resident until the whole file is
+    closed, which would add a shard's size to the peak memory of loading.
+    """
+    if sys.byteorder != "little":
+        raise WeightsError("reading safetensors needs a little-endian machine")
+    header, data_start = safetensors_header(file)
+    with open(file, "rb") as f:
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            tensor = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+            buffer = tensor.view(-1).view(torch.uint8).numpy()  # the tensor's bytes, written in place
+            if buffer.nbytes != end - begin:
+                raise WeightsError(f"{file}: tensor {name!r} has {end - begin} bytes, "
+                                   f"its shape {info['shape']} and dtype {info['dtype']} need {buffer.nbytes}")
+            f.seek(data_start + begin)
+            if f.readinto(memoryview(buffer)) != buffer.nbytes:
+                raise WeightsError(f"{file}: truncated inside tensor {name!r}")
+            yield name, tensor
 
 
 def read_tensors(files):
-    """Yield (file, name, tensor) from each file in turn; safetensors memory-mapped, .bin/.pth via weights_only."""
+    """Yield (file, name, tensor) from each file in turn; every tensor owns its memory (no file mapping)."""
     for file in files:
         if not file.exists():
             raise WeightsError(f"missing checkpoint file {file}")
         if file.suffix == ".safetensors":
-            check_safetensors(file)
+            for name, tensor in read_safetensors(file):
+                yield file, name, tensor
+        else:  # .bin / .pth: a pickle, so only ever with weights_only=True (no code runs)
             try:
-                with safe_open(str(file), framework="pt") as f:
-                    for name in f.keys():
-                        yield file, name, f.get_tensor(name)
-            except Exception as err:  # the rust reader's own errors, reworded to name the file
-                raise WeightsError(f"{file}: cannot read safetensors ({err})") from None
-        else:
-            try:
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                state = torch.load(file, map_location="cpu", weights_only=True)
             except Exception as err:
                 raise WeightsError(f"{file}: cannot read with torch.load(weights_only=True) ({err})") from None
             for name in list(state):
@@ -199,7 +228,7 @@ def fill_model(cfg, tensors, names, dtype, device, convert=None):
         if name.endswith(SKIPPED_SUFFIXES):
             continue
         if cfg.tie_embeddings and name == "lm_head.weight":
-            tied_head = (file, name, tensor.to(device=device, dtype=dtype, copy=True))  # checked below
+            tied_head = (file, name, tensor)  # checked below
             continue
         if name not in names:
             raise WeightsError(f"{file}: unexpected tensor {name!r} (not part of a LLaMA model with this config)")
@@ -211,12 +240,13 @@ def fill_model(cfg, tensors, names, dtype, device, convert=None):
         if tensor.shape != shapes[ours]:
             raise WeightsError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                f"the config needs {tuple(shapes[ours])}")
-        state[ours] = tensor.to(device=device, dtype=dtype, copy=True)  # the one copy: into our dtype/device
+        state[ours] = tensor.to(device=device, dtype=dtype)  # a copy only to change dtype or device
     missing = [source for source, ours in names.items() if ours not in state]
     if missing:
         raise WeightsError(f"checkpoint lacks {len(missing)} tensor(s): {', '.join(missing[:8])}"
                            + (" ..." if len(missing) > 8 else ""))
-    if tied_head is not None and not torch.equal(tied_head[2], state["embed_tokens.weight"]):
+    if tied_head is not None and not torch.equal(tied_head[2].to(device=device, dtype=dtype),
+                                                 state["embed_tokens.weight"]):
         raise WeightsError(f"{tied_head[0]}: {tied_head[1]!r} differs from the embeddings, "
                            "but the config ties them (tie_word_embeddings)")
     model.load_state_dict(state, strict=True, assign=True)
@@ -250,7 +280,7 @@ def load_meta(path, dtype=torch.float32, device="cpu", max_seq_len=2048):
         raise WeightsError(f"{path}: expected one consolidated.00.pth, found {len(files)} "
                            "(model-parallel Meta checkpoints are not supported)")
     params = json.loads((path / "params.json").read_text())
-    state = torch.load(files[0], map_location="cpu", weights_only=True, mmap=True)  # shapes fill the gaps of params.json
+    state = torch.load(files[0], map_location="cpu", weights_only=True)  # its shapes fill the gaps of params.json
     cfg = LMConfig(vocab_size=state["tok_embeddings.weight"].shape[0], dim=params["dim"], n_layers=params["n_layers"],
                    n_heads=params["n_heads"], n_kv_heads=params.get("n_kv_heads"),
                    ffn_dim=state["layers.0.feed_forward.w1.weight"].shape[0], max_seq_len=max_seq_len,

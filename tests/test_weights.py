@@ -9,7 +9,7 @@ import torch
 
 from speechgpt_min.model import LMConfig, Transformer
 from speechgpt_min.weights import (HF_NAMES, META_NAMES, WeightsError, config_from_hf, expand_vocab,
-                                   load_pretrained, meta_to_hf_qk, save_pretrained, source_names)
+                                   load_pretrained, meta_to_hf_qk, read_safetensors, save_pretrained, source_names)
 
 transformers = pytest.importorskip("transformers")
 
@@ -62,6 +62,20 @@ def test_load_pytorch_model_bin_single_and_sharded(tmp_path):
     index = {"weight_map": {k: file for file, keys in halves.items() for k in keys}}
     (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     assert_same_logits(load_pretrained(tmp_path), hf)
+
+
+def test_safetensors_reader_agrees_with_the_safetensors_library(tmp_path):
+    from safetensors.torch import load_file, save_file
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 4, generator=g), "bf16": torch.randn(5, generator=g).bfloat16(),
+               "f16": torch.randn(2, 2, 2, generator=g).half(), "i64": torch.arange(7), "scalar": torch.tensor(2.5),
+               "mask": torch.tensor([True, False, True]), "empty": torch.zeros(0, 3)}
+    save_file(tensors, tmp_path / "x.safetensors")
+    ours = dict(read_safetensors(tmp_path / "x.safetensors"))
+    reference = load_file(tmp_path / "x.safetensors")
+    assert ours.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert ours[name].dtype == tensor.dtype and torch.equal(ours[name], tensor), name
 
 
 def test_dtype_choice(tmp_path):
