@@ -1,0 +1,270 @@
+"""The training loop: learning on all three stages, exact resume after kill -9, LoRA-only training,
+two gloo processes equal to one, metrics and atomic checkpoints."""
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from speechgpt_min.data import (
+    CHAIN_VARIANTS, encode_dialogues, pack_stage1, stage1_texts, stage2_dialogues, stage3_dialogues,
+)
+from speechgpt_min.lora import LoRAConfig, inject, lora_state_dict
+from speechgpt_min.model import LMConfig, Transformer
+from speechgpt_min.tokenizer import Tokenizer
+from speechgpt_min.trainer import (
+    CHECKPOINT_FILE, METRICS_FILE, DataOrder, TrainConfig, lr_at, resolve_device, save_checkpoint, train,
+)
+
+WORDS = "the a frog cat dog sings sleeps runs red blue green big small one two three four".split()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and far faster on a shared, busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def corpus(n_rows=32, n_pairs=16, k=16, seed=0):
+    """Synthetic utterances and spoken question/answer pairs with made-up units."""
+    rng = random.Random(seed)
+    rows = [{"id": f"u{i}", "split": "train", "text": " ".join(rng.choices(WORDS, k=rng.randint(3, 5)))}
+            for i in range(n_rows)]
+    pairs = [{"id": f"p{i}", "split": "train",
+              "question": {"text": f"what is {WORDS[i % 5]}", "audio": [f"q{i}"]},
+              "answer": {"text": f"it is {WORDS[(i + 1) % 5]}", "audio": [f"a{i}"]}} for i in range(n_pairs)]
+    ids = [r["id"] for r in rows] + [f"q{i}" for i in range(n_pairs)] + [f"a{i}" for i in range(n_pairs)]
+    units = {i: [rng.randrange(k) for _ in range(rng.randint(6, 14))] for i in ids}
+    return rows, pairs, units
+
+
+def setup_run(out_dir, stage=2, model_seed=0, **overrides):
+    """A tiny model, a tokenizer and one stage's examples; returns (model, train_set, val_set, cfg)."""
+    rows, pairs, units = corpus()
+    d2 = stage2_dialogues(rows, units)
+    d3 = stage3_dialogues(pairs, units, variants=CHAIN_VARIANTS)
+    tok = Tokenizer.train([d.text(system_prompt="") for d in d2 + d3], n_units=16)
+    if stage == 1:
+        examples = pack_stage1(tok, stage1_texts(rows, units), block_size=32)
+    else:  # a short system prompt keeps the examples small
+        examples = encode_dialogues(tok, d2 if stage == 2 else d3, max_len=128, system_prompt="sys\n")
+    torch.manual_seed(model_seed)
+    model = Transformer(LMConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, ffn_dim=64,
+                                 max_seq_len=128))
+    fields = dict(out_dir=str(out_dir), steps=30, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=3,
+                  eval_every=10, checkpoint_every=10, device="cpu", progress=False)
+    fields.update(overrides)
+    return model, examples[4:], examples[:4], TrainConfig(**fields)
+
+
+def losses(out_dir):
+    return [json.loads(line)["loss"] for line in (Path(out_dir) / METRICS_FILE).read_text().splitlines()]
+
+
+def params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- learning
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_loss_falls_on_each_stage(tmp_path, stage):
+    model, train_set, val_set, cfg = setup_run(tmp_path, stage=stage, steps=40, eval_every=40)
+    history = train(model, train_set, cfg, val_set)
+    first, last = history[0]["loss"], sum(r["loss"] for r in history[-5:]) / 5
+    assert last < first - 1.0, (first, last)
+    assert history[-1]["val_loss"] < first - 1.0
+
+
+def test_metrics_jsonl_and_schedule(tmp_path):
+    model, train_set, val_set, cfg = setup_run(tmp_path, steps=12, eval_every=5)
+    history = train(model, train_set, cfg, val_set)
+    lines = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert lines == history and [r["step"] for r in lines] == list(range(1, 13))
+    assert [r["step"] for r in lines if "val_loss" in r] == [5, 10, 12]
+    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in lines)
+    assert [r["lr"] for r in lines] == [lr_at(s, cfg) for s in range(12)]
+    assert lr_at(0, cfg) < lr_at(2, cfg) < lr_at(3, cfg) == pytest.approx(cfg.lr) and lr_at(11, cfg) == pytest.approx(cfg.min_lr)
+
+
+def test_data_order_is_a_seeded_permutation_per_epoch():
+    order = DataOrder(5, seed=3)
+    first, second = order.take(5), order.take(5)
+    assert sorted(first) == sorted(second) == list(range(5)) and first != second
+    resumed = DataOrder(5, seed=3, epoch=0, index=3)
+    assert resumed.take(4) == first[3:] + second[:2]
+
+
+def test_seeded_runs_are_reproducible(tmp_path):
+    for name in ("a", "b"):
+        model, train_set, val_set, cfg = setup_run(tmp_path / name, steps=6)
+        train(model, train_set, cfg, val_set)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+# ----------------------------------------------------------------------------- resume
+
+KILLED_RUN = """
+import os, signal, sys, torch
+sys.path.insert(0, {tests!r})
+from test_trainer import setup_lora_run
+from speechgpt_min.trainer import train
+torch.set_num_threads({threads})
+model, train_set, val_set, cfg = setup_lora_run({out!r}, **{overrides!r})
+forward, calls = model.forward, [0]
+def forward_then_die(*args):
+    calls[0] += 1
+    if calls[0] == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no exception handlers: a real crash
+    return forward(*args)
+model.forward = forward_then_die
+train(model, train_set, cfg, val_set)
+"""
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_after_kill_9_is_exact(tmp_path, stage):
+    overrides = dict(stage=stage, steps=14, grad_accum=2, eval_every=4, checkpoint_every=4)
+    if stage == 3:  # LoRA with dropout: the RNG state must be restored too
+        overrides.update(lora=True)
+    model, train_set, val_set, cfg = setup_lora_run(tmp_path / "straight", **overrides)
+    train(model, train_set, cfg, val_set)
+    expected = params(model)
+
+    # 2 micro-batches per step and one eval forward per 4 steps: forward 21 is in step 10, after the step-8 checkpoint
+    script = KILLED_RUN.format(tests=str(Path(__file__).parent), threads=torch.get_num_threads(),
+                               out=str(tmp_path / "crashed"), overrides=overrides, kill_at=21)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert len(losses(tmp_path / "crashed")) == 9  # steps 9 was logged, then the process died in step 10
+    assert torch.load(tmp_path / "crashed" / CHECKPOINT_FILE, weights_only=True)["step"] == 8
+
+    # a full model restarts from other initial weights (the checkpoint has them all); a LoRA run from
+    # the same frozen base (the previous stage's model), its adapter from the checkpoint
+    model_seed = 0 if stage == 3 else 1
+    model, train_set, val_set, cfg = setup_lora_run(tmp_path / "crashed", model_seed=model_seed, **overrides)
+    history = train(model, train_set, cfg, val_set)
+    assert [r["step"] for r in history] == list(range(9, 15))
+    straight = [json.loads(line) for line in (tmp_path / "straight" / METRICS_FILE).read_text().splitlines()]
+    resumed = [json.loads(line) for line in (tmp_path / "crashed" / METRICS_FILE).read_text().splitlines()]
+    for a, b in zip(straight, resumed, strict=True):  # bit for bit, including the validation losses
+        assert (a["step"], a["loss"], a["grad_norm"], a.get("val_loss")) == (b["step"], b["loss"], b["grad_norm"],
+                                                                              b.get("val_loss"))
+    got = params(model)
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+
+
+def setup_lora_run(out_dir, lora=False, **kwargs):
+    """setup_run, and for lora=True a LoRA (r=4, dropout 0.1) on q_proj/v_proj with the base frozen."""
+    model, train_set, val_set, cfg = setup_run(out_dir, **kwargs)
+    if lora:
+        inject(model, LoRAConfig(r=4, alpha=8, dropout=0.1))
+    return model, train_set, val_set, cfg
+
+
+def test_resume_refuses_a_different_data_order(tmp_path):
+    model, train_set, val_set, cfg = setup_run(tmp_path, steps=2)
+    train(model, train_set, cfg, val_set)
+    model, train_set, val_set, cfg = setup_run(tmp_path, steps=4, batch_size=2)
+    with pytest.raises(ValueError, match="batch_size=4, this run has 2"):
+        train(model, train_set, cfg, val_set)
+
+
+def test_checkpoint_write_crash_keeps_the_previous_one(tmp_path, monkeypatch):
+    model, train_set, val_set, cfg = setup_run(tmp_path, steps=4, checkpoint_every=2)
+    train(model, train_set, cfg, val_set)  # checkpoint of step 4
+    before = (tmp_path / CHECKPOINT_FILE).read_bytes()
+
+    def half_written_then_crash(obj, f):
+        f.write(b"\x00" * 1000)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", half_written_then_crash)
+    model, train_set, val_set, cfg = setup_run(tmp_path, steps=6, checkpoint_every=2)
+    with pytest.raises(OSError, match="disk full"):
+        train(model, train_set, cfg, val_set)  # resumes at 4, crashes while writing step 6
+    assert (tmp_path / CHECKPOINT_FILE).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE, METRICS_FILE]
+    with pytest.raises(OSError):
+        save_checkpoint({"x": torch.zeros(1)}, tmp_path / CHECKPOINT_FILE)
+    assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["step"] == 4
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+def test_lora_training_leaves_the_base_untouched(tmp_path):
+    model, train_set, val_set, cfg = setup_lora_run(tmp_path, lora=True, stage=3, steps=5)
+    base = {k: v for k, v in params(model).items() if ".lora_" not in k}
+    lora_before = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    train(model, train_set, cfg, val_set)
+    after = params(model)
+    assert all(torch.equal(after[k], v) for k, v in base.items())
+    assert all(not torch.equal(after[k], v) for k, v in lora_before.items() if ".lora_B." in k)
+    saved = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["model"]
+    assert set(saved) == set(lora_before)  # only the adapter is checkpointed
+
+
+# ----------------------------------------------------------------------------- processes
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def distributed_worker(rank, world_size, port, out_dir, overrides):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        model, train_set, val_set, cfg = setup_run(out_dir, **overrides)
+        train(model, train_set, cfg, val_set)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_gloo_processes_match_one(tmp_path, fsdp):
+    overrides = dict(steps=6, batch_size=4, grad_accum=2, eval_every=3, checkpoint_every=6, fsdp=fsdp)
+    model, train_set, val_set, cfg = setup_run(tmp_path / "one", **overrides)
+    train(model, train_set, cfg, val_set)
+    mp.start_processes(distributed_worker, args=(2, free_port(), str(tmp_path / "two"), overrides), nprocs=2,
+                       start_method="spawn")
+
+    one = [json.loads(line) for line in (tmp_path / "one" / METRICS_FILE).read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two" / METRICS_FILE).read_text().splitlines()]
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([r[key] for r in two]), torch.tensor([r[key] for r in one]))
+    torch.testing.assert_close(torch.tensor([r["val_loss"] for r in two if "val_loss" in r]),
+                               torch.tensor([r["val_loss"] for r in one if "val_loss" in r]))
+    weights_one = torch.load(tmp_path / "one" / CHECKPOINT_FILE, weights_only=True)["model"]
+    weights_two = torch.load(tmp_path / "two" / CHECKPOINT_FILE, weights_only=True)["model"]
+    torch.testing.assert_close(weights_two, weights_one)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def test_config_and_device_errors():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cuda", "mps", "cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="valid: auto, float32, bfloat16"):
+        TrainConfig(dtype="fp16")
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        TrainConfig(batch_size=0)
