@@ -8,8 +8,9 @@
 Loading is strict and low on memory: the model is built on the "meta" device (shapes, no storage),
 each source tensor is read from its shard into its own memory, checked against the table below and
 converted to the wanted dtype and device (a copy only if they differ); load_state_dict(assign=True)
-then adopts those tensors, so the weights exist once. Every tensor of the file must be used and every parameter filled; the only
-keys skipped are listed in SKIPPED_SUFFIXES. `.bin` files are read with torch.load(weights_only=True).
+then adopts those tensors, so the weights exist once. Every tensor of the files must be used and
+every parameter filled; the only keys skipped are listed in SKIPPED_SUFFIXES. `.bin` and `.pth`
+files are read with torch.load(weights_only=True), which runs no code from the file.
 """
 import json
 import struct
@@ -71,11 +72,10 @@ def source_names(table, model):
     names = {}
     for ours in model.state_dict():
         parts = ours.split(".")
-        if parts[0] == "layers":  # layers.<i>.rest -> template layers.{}.rest
-            template, layer = ".".join(["layers", "{}"] + parts[2:]), parts[1]
-            names[table[template].format(layer)] = ours
-        else:
-            names[table[ours]] = ours
+        template, layer = (".".join(["layers", "{}"] + parts[2:]), parts[1]) if parts[0] == "layers" else (ours, "")
+        if template not in table:  # e.g. LoRA layers: merge them into the weights first (lora.py)
+            raise WeightsError(f"{ours!r} has no name in a LLaMA checkpoint (LoRA layers: lora.merge_and_unload first)")
+        names[table[template].format(layer)] = ours
     return names
 
 
@@ -235,11 +235,11 @@ def fill_model(cfg, tensors, names, dtype, device, convert=None):
         ours = names[name]
         if ours in state:
             raise WeightsError(f"{file}: tensor {name!r} appears twice in the checkpoint")
-        if convert is not None:
-            tensor = convert(ours, tensor)
         if tensor.shape != shapes[ours]:
             raise WeightsError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                f"the config needs {tuple(shapes[ours])}")
+        if convert is not None:  # a change of layout that keeps the shape
+            tensor = convert(ours, tensor)
         state[ours] = tensor.to(device=device, dtype=dtype)  # a copy only to change dtype or device
     missing = [source for source, ours in names.items() if ours not in state]
     if missing:
@@ -281,6 +281,9 @@ def load_meta(path, dtype=torch.float32, device="cpu", max_seq_len=2048):
                            "(model-parallel Meta checkpoints are not supported)")
     params = json.loads((path / "params.json").read_text())
     state = torch.load(files[0], map_location="cpu", weights_only=True)  # its shapes fill the gaps of params.json
+    for name in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight"):
+        if name not in state:
+            raise WeightsError(f"{files[0]}: no tensor {name!r}; is this a LLaMA checkpoint?")
     cfg = LMConfig(vocab_size=state["tok_embeddings.weight"].shape[0], dim=params["dim"], n_layers=params["n_layers"],
                    n_heads=params["n_heads"], n_kv_heads=params.get("n_kv_heads"),
                    ffn_dim=state["layers.0.feed_forward.w1.weight"].shape[0], max_seq_len=max_seq_len,

@@ -324,3 +324,14 @@ def test_smollm2_matches_transformers_and_knows_paris(smollm2_dir):
     ours_ids = ours.generate(ids, 8, temperature=0)
     assert torch.equal(ours_ids, hf.generate(ids, max_new_tokens=8, do_sample=False))
     assert tokenizer.decode(ours_ids[0, ids.shape[1]:]).strip().startswith("Paris")
+
+
+def test_saving_a_model_with_lora_layers_asks_to_merge_first(tmp_path):
+    from speechgpt_min import lora
+    model = Transformer(LMConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, ffn_dim=48))
+    lora.inject(model, lora.LoRAConfig())
+    with pytest.raises(WeightsError, match="merge_and_unload"):
+        save_pretrained(model, tmp_path)
+    lora.merge_and_unload(model)
+    save_pretrained(model, tmp_path)
+    assert load_pretrained(tmp_path).config == model.config
