@@ -242,7 +242,8 @@ def load_checkpoint(path, model, optimizer, cfg):
         if saved[key] != getattr(cfg, key):
             raise ValueError(f"{path} was written with {key}={saved[key]}, this run has {getattr(cfg, key)}: "
                              f"the data order would differ; use another out_dir or the same {key}")
-    expected = set(get_model_state_dict(model, options=STATE_OPTIONS))
+    # the names only: sharded (no gathering), since a full state dict is given to the first process alone
+    expected = set(get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)))
     if set(ckpt["model"]) != expected:
         raise ValueError(f"{path} does not fit this model's trainable parameters: missing "
                          f"{sorted(expected - set(ckpt['model']))[:3]}, unexpected {sorted(set(ckpt['model']) - expected)[:3]}")
@@ -282,6 +283,8 @@ def evaluate(model, examples, cfg, device, autocast):
     rank, world_size = world()
     model.eval()
     examples = examples[:len(examples) - len(examples) % world_size]  # equal shares: FSDP needs them
+    if not examples:
+        raise ValueError(f"the validation set has fewer examples than the {world_size} processes")
     mine = examples[rank::world_size]
     per = max(1, cfg.batch_size // world_size)
     batches = [mine[i:i + per] for i in range(0, len(mine), per)][:cfg.eval_batches]

@@ -7,13 +7,13 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.fsdp import FSDPModule
 
 from speechgpt_min.data import (
     CHAIN_VARIANTS, encode_dialogues, pack_stage1, stage1_texts, stage2_dialogues, stage3_dialogues,
@@ -22,7 +22,8 @@ from speechgpt_min.lora import LoRAConfig, inject, lora_state_dict
 from speechgpt_min.model import LMConfig, Transformer
 from speechgpt_min.tokenizer import Tokenizer
 from speechgpt_min.trainer import (
-    CHECKPOINT_FILE, METRICS_FILE, DataOrder, TrainConfig, lr_at, resolve_device, save_checkpoint, train,
+    CHECKPOINT_FILE, METRICS_FILE, DataOrder, TrainConfig, init_distributed, lr_at, resolve_device,
+    save_checkpoint, train,
 )
 
 WORDS = "the a frog cat dog sings sleeps runs red blue green big small one two three four".split()
@@ -134,8 +135,12 @@ train(model, train_set, cfg, val_set)
 """
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_resume_after_kill_9_is_exact(tmp_path, stage):
+class SimulatedCrash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stage, crash", [(2, "exception"), (3, "kill -9")])
+def test_resume_after_a_crash_is_exact(tmp_path, stage, crash):
     overrides = dict(stage=stage, steps=14, grad_accum=2, eval_every=4, checkpoint_every=4)
     if stage == 3:  # LoRA with dropout: the RNG state must be restored too
         overrides.update(lora=True)
@@ -144,11 +149,25 @@ def test_resume_after_kill_9_is_exact(tmp_path, stage):
     expected = params(model)
 
     # 2 micro-batches per step and one eval forward per 4 steps: forward 21 is in step 10, after the step-8 checkpoint
-    script = KILLED_RUN.format(tests=str(Path(__file__).parent), threads=torch.get_num_threads(),
-                               out=str(tmp_path / "crashed"), overrides=overrides, kill_at=21)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == -signal.SIGKILL, done.stderr
-    assert len(losses(tmp_path / "crashed")) == 9  # steps 9 was logged, then the process died in step 10
+    if crash == "kill -9":
+        script = KILLED_RUN.format(tests=str(Path(__file__).parent), threads=torch.get_num_threads(),
+                                   out=str(tmp_path / "crashed"), overrides=overrides, kill_at=21)
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        assert done.returncode == -signal.SIGKILL, done.stderr
+    else:
+        model, train_set, val_set, cfg = setup_lora_run(tmp_path / "crashed", **overrides)
+        forward, calls = model.forward, [0]
+
+        def forward_then_raise(*args):
+            calls[0] += 1
+            if calls[0] == 21:
+                raise SimulatedCrash
+            return forward(*args)
+
+        model.forward = forward_then_raise
+        with pytest.raises(SimulatedCrash):
+            train(model, train_set, cfg, val_set)
+    assert len(losses(tmp_path / "crashed")) == 9  # step 9 was logged, then the run died in step 10
     assert torch.load(tmp_path / "crashed" / CHECKPOINT_FILE, weights_only=True)["step"] == 8
 
     # a full model restarts from other initial weights (the checkpoint has them all); a LoRA run from
@@ -225,36 +244,56 @@ def free_port():
         return s.getsockname()[1]
 
 
-def distributed_worker(rank, world_size, port, out_dir, overrides):
+def distributed_worker(rank, world_size, port, tmp_path, overrides):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    assert init_distributed() == (rank, world_size)  # as under torchrun
     try:
-        model, train_set, val_set, cfg = setup_run(out_dir, **overrides)
-        train(model, train_set, cfg, val_set)
+        for fsdp in (False, True):
+            out_dir = tmp_path / f"two_fsdp{fsdp}"
+            model, train_set, val_set, cfg = setup_run(out_dir, fsdp=fsdp, **dict(overrides, steps=3))
+            train(model, train_set, cfg, val_set)
+            assert isinstance(model, FSDPModule) == fsdp  # FSDP shards the model in place
+            # resume, from other initial weights: everything must come from the checkpoint
+            model, train_set, val_set, cfg = setup_run(out_dir, fsdp=fsdp, model_seed=1, **overrides)
+            train(model, train_set, cfg, val_set)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_two_gloo_processes_match_one(tmp_path, fsdp):
-    overrides = dict(steps=6, batch_size=4, grad_accum=2, eval_every=3, checkpoint_every=6, fsdp=fsdp)
+def test_two_gloo_processes_match_one(tmp_path):
+    """DDP and FSDP over two processes (2 examples each per micro-batch), stopped at step 3 and
+    resumed, against one process (4 examples per micro-batch) running straight through."""
+    overrides = dict(steps=6, batch_size=4, grad_accum=2, eval_every=3, checkpoint_every=6)
     model, train_set, val_set, cfg = setup_run(tmp_path / "one", **overrides)
     train(model, train_set, cfg, val_set)
-    mp.start_processes(distributed_worker, args=(2, free_port(), str(tmp_path / "two"), overrides), nprocs=2,
-                       start_method="spawn")
+    mp.start_processes(distributed_worker, args=(2, free_port(), tmp_path, overrides), nprocs=2, start_method="spawn")
 
     one = [json.loads(line) for line in (tmp_path / "one" / METRICS_FILE).read_text().splitlines()]
-    two = [json.loads(line) for line in (tmp_path / "two" / METRICS_FILE).read_text().splitlines()]
-    for key in ("loss", "grad_norm"):
-        torch.testing.assert_close(torch.tensor([r[key] for r in two]), torch.tensor([r[key] for r in one]))
-    torch.testing.assert_close(torch.tensor([r["val_loss"] for r in two if "val_loss" in r]),
-                               torch.tensor([r["val_loss"] for r in one if "val_loss" in r]))
     weights_one = torch.load(tmp_path / "one" / CHECKPOINT_FILE, weights_only=True)["model"]
-    weights_two = torch.load(tmp_path / "two" / CHECKPOINT_FILE, weights_only=True)["model"]
-    torch.testing.assert_close(weights_two, weights_one)
+    for fsdp in (False, True):
+        two = [json.loads(line) for line in (tmp_path / f"two_fsdp{fsdp}" / METRICS_FILE).read_text().splitlines()]
+        for key in ("loss", "grad_norm"):
+            torch.testing.assert_close(torch.tensor([r[key] for r in two]), torch.tensor([r[key] for r in one]))
+        torch.testing.assert_close(torch.tensor([r["val_loss"] for r in two if "val_loss" in r]),
+                                   torch.tensor([r["val_loss"] for r in one if "val_loss" in r]))
+        weights_two = torch.load(tmp_path / f"two_fsdp{fsdp}" / CHECKPOINT_FILE, weights_only=True)["model"]
+        torch.testing.assert_close(weights_two, weights_one)
 
 
 # ----------------------------------------------------------------------------- configuration
+
+def test_activation_checkpointing_and_cpu_bf16(tmp_path):
+    model, train_set, val_set, cfg = setup_run(tmp_path / "plain", steps=4)
+    plain = [r["loss"] for r in train(model, train_set, cfg, val_set)]
+    model, train_set, val_set, cfg = setup_run(tmp_path / "ckpt", steps=4, gradient_checkpointing=True)
+    assert [r["loss"] for r in train(model, train_set, cfg, val_set)] == plain  # recomputation is exact
+    assert model.gradient_checkpointing
+    model, train_set, val_set, cfg = setup_run(tmp_path / "bf16", steps=4, dtype="bfloat16")
+    bf16 = [r["loss"] for r in train(model, train_set, cfg, val_set)]
+    torch.testing.assert_close(torch.tensor(bf16), torch.tensor(plain), rtol=0.05, atol=0.05)
+    assert bf16 != plain  # autocast did run in bfloat16
+
 
 def test_config_and_device_errors():
     assert resolve_device("cpu") == torch.device("cpu")
