@@ -300,6 +300,20 @@ def evaluate(model, examples, cfg, device, autocast):
     return total / max(count, 1)
 
 
+def keep_metrics_until(path, step):
+    """Keep the metrics of the steps a checkpoint has; forget those done after it (they will be
+    done again), and a last line torn by a crash."""
+    kept = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= step:
+            kept.append(line + "\n")
+    path.write_text("".join(kept))
+
+
 def log_line(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -308,9 +322,12 @@ def log_line(path, record):
 # ----------------------------------------------------------------------------- the loop
 
 def train(model, train_set, cfg, val_set=None):
-    """Train `model` on a list of data.Example; returns the metric records written by this call.
+    """Train `model` in place on train_set (a list of data.Example; val_set likewise, optional).
 
-    A checkpoint in cfg.out_dir is resumed from (cfg.resume); the model is trained in place.
+    Only parameters with requires_grad are optimized and checkpointed: for stage 3, call
+    lora.inject(model, LoRAConfig.from_preset("speechgpt")) first. A checkpoint in cfg.out_dir is
+    resumed from (cfg.resume). Returns the metric records of the steps this call ran, as written
+    to metrics.jsonl: {"step", "loss", "lr", "grad_norm", "tokens_per_s", "epoch"[, "val_loss"]}.
     """
     rank, world_size = world()
     if cfg.batch_size % world_size:
@@ -341,9 +358,8 @@ def train(model, train_set, cfg, val_set=None):
     step, epoch, index = 0, 0, 0
     if cfg.resume and ckpt_path.exists():
         step, epoch, index = load_checkpoint(ckpt_path, model, optimizer, cfg)
-    if rank == 0:  # keep the metrics of the steps the checkpoint has, forget those done after it
-        old = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        metrics_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
+    if rank == 0:
+        keep_metrics_until(metrics_path, step)
     order = DataOrder(len(train_set), cfg.seed, epoch, index)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:
@@ -367,8 +383,9 @@ def train(model, train_set, cfg, val_set=None):
             mine = shard(batch, rank, world_size)
             b = collate(mine)
             x, y = b["input_ids"].to(device), b["labels"].to(device)  # (b, T) each
-            with grad_sync(model, sync=m == cfg.grad_accum - 1), autocast:
-                _, loss = model(x, y)  # mean over this shard's targets
+            with grad_sync(model, sync=m == cfg.grad_accum - 1):
+                with autocast:
+                    _, loss = model(x, y)  # mean over this shard's targets
                 # Re-weight to this shard's share of the step's sum; DDP/FSDP average over processes.
                 loss = loss * (sum(n_targets(e) for e in mine) / step_targets)
                 (loss * world_size).backward()

@@ -22,8 +22,8 @@ from speechgpt_min.lora import LoRAConfig, inject, lora_state_dict
 from speechgpt_min.model import LMConfig, Transformer
 from speechgpt_min.tokenizer import Tokenizer
 from speechgpt_min.trainer import (
-    CHECKPOINT_FILE, METRICS_FILE, DataOrder, TrainConfig, init_distributed, lr_at, resolve_device,
-    save_checkpoint, train,
+    CHECKPOINT_FILE, METRICS_FILE, DataOrder, TrainConfig, init_distributed, keep_metrics_until, lr_at,
+    resolve_device, save_checkpoint, train,
 )
 
 WORDS = "the a frog cat dog sings sleeps runs red blue green big small one two three four".split()
@@ -220,6 +220,13 @@ def test_checkpoint_write_crash_keeps_the_previous_one(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_checkpoint({"x": torch.zeros(1)}, tmp_path / CHECKPOINT_FILE)
     assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["step"] == 4
+
+
+def test_metrics_after_the_checkpoint_and_a_torn_line_are_forgotten(tmp_path):
+    path = tmp_path / METRICS_FILE
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.2}\n{"step": 4, "lo')
+    keep_metrics_until(path, 2)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
 
 
 # ----------------------------------------------------------------------------- LoRA
