@@ -133,25 +133,26 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """Keys and values of every layer, preallocated for `max_len` positions.
 
-    k, v: (n_layers, B, n_kv_heads, max_len, head_dim); `length` positions are filled.
+    k[layer], v[layer]: (B, n_kv_heads, max_len, head_dim); the first `length` positions are filled.
     """
 
     def __init__(self, cfg, batch_size, max_len, dtype, device):
         if max_len > cfg.max_seq_len:
             raise ValueError(f"KV cache of {max_len} positions exceeds the model's max_seq_len {cfg.max_seq_len}")
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.max_len = max_len
         self.length = 0
 
     def update(self, layer, k, v):
         """Store k, v (B, n_kv, T, hd) after the filled positions; return all keys/values so far."""
         start, end = self.length, self.length + k.shape[2]
-        if end > self.k.shape[3]:
-            raise ValueError(f"KV cache is full: {end} positions needed, {self.k.shape[3]} allocated")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # each (B, n_kv, end, hd)
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # each (B, n_kv, end, hd)
 
 
 class Attention(nn.Module):
