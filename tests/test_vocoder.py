@@ -134,3 +134,35 @@ def test_batch_with_different_lengths_matches_single_items():
     torch.testing.assert_close(batch[0], first[0])
     torch.testing.assert_close(batch[1, :3 * 320], second[0])
     assert (batch[1, 3 * 320:] == 0).all()
+
+
+def tone_dataset(num_items=4, num_units=8, seed=0):
+    """Items (wav, units, durations) where unit u is a 20 ms-aligned tone at 200 * (u + 1) Hz."""
+    generator = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(num_items):
+        units = torch.randperm(num_units, generator=generator)[:6]
+        durations = torch.randint(2, 6, (6,), generator=generator)
+        freqs = torch.repeat_interleave(200.0 * (units + 1), durations * 320)  # (T,)
+        t = torch.arange(len(freqs)) / 16000
+        items.append((0.5 * torch.sin(2 * torch.pi * freqs * t), units, durations))
+    return items
+
+
+def test_short_training_lowers_mel_loss():
+    from speechgpt_min.vocoder import evaluate_vocoder, train_vocoder
+    torch.manual_seed(0)
+    config = VocoderConfig(num_embeddings=8, embedding_dim=16, upsample_initial_channel=32, dur_hidden_dim=16,
+                           resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1, 3, 5),))
+    vocoder = UnitVocoder(config)
+    data = tone_dataset()
+    before = evaluate_vocoder(vocoder, data)
+    records = []
+    history = train_vocoder(vocoder, data, steps=20, batch_size=2, segment_frames=8, lr=1e-2, seed=0,
+                            warmup_steps=18, progress=False, log=records.append)
+    assert records == history and len(history) == 20
+    assert {"mel", "dur", "stft"} <= set(history[0]) and {"adv", "fm", "disc"} <= set(history[-1])
+    assert not vocoder.training
+    after = evaluate_vocoder(vocoder, data)
+    assert after < before - 0.5, (before, after)
+    assert history[-1]["dur"] < history[0]["dur"]
