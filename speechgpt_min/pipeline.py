@@ -195,3 +195,283 @@ def exact_match_accuracy(refs, hyps, normalize=True):
         raise ValueError(f"need equally many references and hypotheses, at least one; got {len(refs)} and {len(hyps)}")
     norm = normalize_text if normalize else (lambda s: s or "")
     return sum(norm(r) == norm(h) for r, h in zip(refs, hyps)) / len(refs)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a question becomes the human turn. chain: "{question}"; instruction: "{instruction}", "{input}"."""
+    chain: str
+    instruction: str
+
+
+PROMPT_FORMATS = {
+    # exactly the training prefixes of data.py: what a model trained here has seen
+    "trained": PromptFormat(CHAIN_TEMPLATE, INSTRUCTION_TEMPLATE),
+    # the released inference script: one template, the instruction typed into the question
+    "released": PromptFormat(INFERENCE_TEMPLATE,
+                             INFERENCE_TEMPLATE.format(question="{instruction} This is input: {input}")),
+}
+
+
+def prompt_format(name):
+    if name not in PROMPT_FORMATS:
+        raise ValueError(f"unknown prompt format {name!r}; valid: {', '.join(PROMPT_FORMATS)}")
+    return PROMPT_FORMATS[name]
+
+
+@dataclass
+class ChatResult:
+    """One exchange. transcript: of spoken input (dialogue) or the recognised text (ASR)."""
+    task: str
+    prompt: str
+    response: Response                  # the generated text and everything parsed from it
+    question_units: list[int] | None    # the input speech as units, if speech came in
+    transcript: str | None
+    text_answer: str | None
+    answer_units: list[int]
+    waveform: torch.Tensor | None       # (T,) float32 at sample_rate, None without vocoder or units
+    sample_rate: int = SAMPLE_RATE
+
+    def to_dict(self):
+        """JSON-ready (no waveform)."""
+        return {"task": self.task, "prompt": self.prompt, "response": self.response.text,
+                "question_units": self.question_units, "transcript": self.transcript,
+                "text_answer": self.text_answer, "answer_units": self.answer_units,
+                "complete": self.response.complete, "problems": self.response.problems}
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+def _device(device):
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+
+
+class SpeechGPT:
+    """LM + tokenizer, with the optional ears (HuBERT + k-means) and voice (unit vocoder)."""
+
+    def __init__(self, lm, tokenizer, encoder=None, layer=None, kmeans=None, vocoder=None, prompts="trained",
+                 system_prompt=SYSTEM_PROMPT):
+        if lm.config.vocab_size < tokenizer.vocab_size:
+            raise PipelineError(f"the LM has {lm.config.vocab_size} token embeddings but the tokenizer "
+                                f"{tokenizer.vocab_size} tokens")
+        if (encoder is None) != (kmeans is None):
+            raise PipelineError("speech input needs both the HuBERT encoder and its k-means")
+        if kmeans is not None:
+            if kmeans.n_clusters != tokenizer.n_units:
+                raise PipelineError(f"the k-means has {kmeans.n_clusters} clusters but the tokenizer "
+                                    f"{tokenizer.n_units} unit tokens")
+            if kmeans.centroids.shape[1] != encoder.config.hidden_size:
+                raise PipelineError(f"the k-means centroids have {kmeans.centroids.shape[1]} dimensions, the "
+                                    f"HuBERT features {encoder.config.hidden_size}")
+        if vocoder is not None and vocoder.config.num_embeddings != tokenizer.n_units:
+            raise PipelineError(f"the vocoder speaks {vocoder.config.num_embeddings} units but the tokenizer "
+                                f"has {tokenizer.n_units}")
+        self.lm, self.tokenizer = lm.eval(), tokenizer
+        self.encoder, self.layer, self.kmeans, self.vocoder = encoder, layer, kmeans, vocoder
+        self.prompts = prompt_format(prompts) if isinstance(prompts, str) else prompts
+        self.system_prompt = system_prompt
+        self.device = lm.embed_tokens.weight.device
+        # generation ends at the tokenizer's EOS (</s>) or SpeechGPT's <eos> token (or text "<eoa>")
+        self.stop_ids = {i for i in (tokenizer.eos_id, tokenizer.added.get("<eos>")) if i is not None}
+
+    # ------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_parts(cls, lm_dir, adapter_dir=None, hubert_dir=None, hubert_layer=None, kmeans_path=None,
+                   vocoder_path=None, tokenizer_dir=None, prompts="released", dtype=torch.float32, device="auto"):
+        """Assemble from separate checkpoints (the released artifacts, or a run's parts).
+
+        lm_dir: HF LLaMA directory (config.json, safetensors or pytorch_model.bin; tokenizer files
+            with added_tokens.json unless tokenizer_dir is given).
+        adapter_dir: PEFT LoRA adapter, merged into the LM. hubert_dir: our or an HF HuBERT directory;
+        hubert_layer: its unit layer (None: unit_layer.json in hubert_dir, else 11 as released).
+        kmeans_path: a k-means directory (KMeans.save_pretrained) or a scikit-learn joblib file.
+        vocoder_path: a vocoder directory or checkpoint file with config.json beside it.
+        """
+        device = _device(device)
+        lm = load_pretrained(lm_dir, dtype=dtype, device=device)
+        if adapter_dir is not None:
+            load_adapter(lm, adapter_dir)
+            merge_and_unload(lm)  # inference: fold the update into the weights
+        tokenizer = Tokenizer.from_pretrained(tokenizer_dir or lm_dir)
+        encoder = kmeans = None
+        if hubert_dir is not None:
+            encoder = HuBERT.from_pretrained(hubert_dir).to(device)
+            if hubert_layer is None:
+                layer_file = Path(hubert_dir) / "unit_layer.json"
+                hubert_layer = json.loads(layer_file.read_text())["layer"] if layer_file.exists() else RELEASED_UNIT_LAYER
+            if not 0 <= hubert_layer <= encoder.config.num_hidden_layers:
+                raise PipelineError(f"HuBERT layer {hubert_layer} does not exist: {hubert_dir} has layers "
+                                    f"0..{encoder.config.num_hidden_layers}")
+        if kmeans_path is not None:
+            kmeans_path = Path(kmeans_path)
+            kmeans = (KMeans.from_pretrained(kmeans_path) if kmeans_path.is_dir() else KMeans.from_joblib(kmeans_path))
+        vocoder = None
+        if vocoder_path is not None:
+            vocoder = UnitVocoder.from_pretrained(vocoder_path).remove_weight_norm().to(device)
+        return cls(lm, tokenizer, encoder, hubert_layer, kmeans, vocoder, prompts)
+
+    @classmethod
+    def from_run(cls, run_dir, device="auto"):
+        """Assemble a run made by train.py: stage2/model (+ stage3/adapter), hubert/, kmeans/, vocoder/."""
+        run = Path(run_dir)
+        if not run.is_dir():
+            raise PipelineError(f"{run}: no such run directory (make one with `python train.py`)")
+        lm_dir = run / "stage2" / "model"
+        if not (lm_dir / "config.json").is_file():
+            raise PipelineError(f"{run}: no trained language model in stage2/model (run `python train.py` "
+                                f"to the end of stage 2)")
+        has_tokenizer = any((lm_dir / name).exists() for name in (SENTENCEPIECE_FILE, HF_FILE, WORD_FILE))
+        adapter = run / "stage3" / "adapter"
+        hubert, kmeans, vocoder = run / "hubert", run / "kmeans", run / "vocoder"
+        return cls.from_parts(lm_dir, adapter if adapter.is_dir() else None,
+                              hubert if hubert.is_dir() else None, None, kmeans if kmeans.is_dir() else None,
+                              vocoder if (vocoder / "config.json").is_file() else None,
+                              tokenizer_dir=None if has_tokenizer else run / "tokenizer", prompts="trained",
+                              device=device)
+
+    # ------------------------------------------------------------------------- the parts
+
+    def speech_to_units(self, wav, sr=SAMPLE_RATE):
+        """Speech -> deduplicated unit ids. wav: a file path, or samples (T,) / (T, channels) at `sr`."""
+        if self.encoder is None:
+            raise PipelineError("this SpeechGPT has no ears: load a HuBERT encoder and its k-means to hear speech")
+        wav = load_audio(wav) if isinstance(wav, (str, Path)) else load_audio(wav, sr=sr)
+        units, _ = speech_to_deduped_units([wav.to(self.device)], self.encoder, self.layer, self.kmeans)[0]
+        if len(units) == 0:
+            raise PipelineError("the audio is too short to give a single speech unit (25 ms at least)")
+        return units.tolist()
+
+    @torch.inference_mode()
+    def units_to_speech(self, units):
+        """Unit ids (N,) -> waveform (T,) float32 at 16 kHz, or None without vocoder or units."""
+        if self.vocoder is None or len(units) == 0:
+            return None
+        units = torch.tensor([units], dtype=torch.long, device=self.device)  # (1, N)
+        return self.vocoder(units)[0].float().cpu()  # (N * durations * 320,)
+
+    def prompt(self, task, question_units=None, text=None):
+        """The full prompt text (system prompt + human turn) for a task and its input."""
+        if task not in TASKS:
+            raise PipelineError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
+        speech = speech_text(question_units) if question_units is not None else None
+        if task == "dialogue":
+            if (speech is None) == (text is None):
+                raise PipelineError("a dialogue turn is either speech or text, give exactly one")
+            turn = self.prompts.chain.format(question=speech or text)
+        elif task == "asr":
+            if speech is None or text is not None:
+                raise PipelineError("ASR takes speech input only")
+            turn = self.prompts.instruction.format(instruction=ASR_INSTRUCTIONS[0], input=speech)
+        else:
+            if text is None or speech is not None:
+                raise PipelineError("TTS takes text input only")
+            turn = self.prompts.instruction.format(instruction=TTS_INSTRUCTIONS[0], input=text)
+        return self.system_prompt + turn
+
+    @torch.inference_mode()
+    def generate(self, prompt_text, max_new_tokens=2048, temperature=0.7, top_p=0.8, top_k=50, seed=None,
+                 on_text=None):
+        """Continue prompt_text; returns the new text, ending with "<eoa>" when the model finished.
+
+        Stops at "<eoa>" in the text (it is ordinary text, not a token), at EOS or <eos>, at
+        max_new_tokens, or at the end of the model's context. on_text(str) receives each new piece
+        of text as it is generated (for streaming). temperature 0: greedy.
+        """
+        ids = encode_prompt(self.tokenizer, prompt_text)
+        room = self.lm.config.max_seq_len - len(ids)
+        if room < 1:
+            raise PipelineError(f"the prompt has {len(ids)} tokens, the model's context only "
+                                f"{self.lm.config.max_seq_len}: use a shorter input")
+        x = torch.tensor([ids], device=self.device)  # (1, T)
+        new, text, shown = [], "", 0
+        for token in self.lm.stream(x, min(max_new_tokens, room), temperature, top_k, top_p,
+                                    stop_ids=self.stop_ids, generator=seed if temperature > 0 else None):
+            token = int(token[0])
+            if token in self.stop_ids:
+                break
+            new.append(token)
+            text = self.tokenizer.decode(new)  # the whole text again: pieces join with the right spaces
+            done = END_OF_ANSWER in text
+            if done:
+                text = text[:text.index(END_OF_ANSWER) + len(END_OF_ANSWER)]
+            if on_text is not None:
+                ready = text if done else text.rstrip("\ufffd")  # hold back a half-decoded character
+                if len(ready) > shown:
+                    on_text(ready[shown:])
+                    shown = len(ready)
+            if done:
+                break
+        return text
+
+    def chat(self, wav=None, text=None, units=None, task="dialogue", max_new_tokens=2048, temperature=0.7, top_p=0.8,
+             top_k=50, seed=None, on_text=None, speak=True):
+        """One exchange. Speech comes in as `wav` (path or 16 kHz samples) or as `units`; text as `text`.
+
+        task: "dialogue" (speech or text question -> chain of modality answer), "asr" (speech ->
+        text), "tts" (text -> speech). speak=False skips the vocoder (waveform None).
+        """
+        if wav is not None and units is not None:
+            raise PipelineError("give the speech either as wav or as units, not both")
+        if text is not None and not text.strip():
+            raise PipelineError("the text input is empty")
+        question_units = self.speech_to_units(wav) if wav is not None else units
+        if question_units is not None:
+            question_units = [int(u) for u in question_units]
+            if not question_units or not all(0 <= u < self.tokenizer.n_units for u in question_units):
+                raise PipelineError(f"speech units must be a non-empty list of ids in 0..{self.tokenizer.n_units - 1}")
+        prompt = self.prompt(task, question_units, text)
+        generated = self.generate(prompt, max_new_tokens, temperature, top_p, top_k, seed, on_text)
+        response = parse_response(generated, self.tokenizer.n_units)
+        transcript = response.text_answer if task == "asr" else response.transcript
+        text_answer = response.text_answer if task == "dialogue" else None
+        units_out = response.answer_units if task != "asr" else []
+        waveform = self.units_to_speech(units_out) if speak else None
+        return ChatResult(task, prompt, response, question_units, transcript, text_answer, units_out, waveform)
+
+
+# ----------------------------------------------------------------------------- evaluation (greedy)
+
+def _check_items(items, what):
+    items = list(items)
+    if not items:
+        raise ValueError(f"no {what} items to evaluate")
+    return items
+
+
+def evaluate_asr(sgpt, items, max_new_tokens=256, progress=True):
+    """items: (units, reference text) pairs -> {"wer", "cer", "n"} of greedy ASR."""
+    items, refs, hyps = _check_items(items, "ASR"), [], []
+    for units, reference in tqdm(items, desc="eval ASR", disable=not progress):
+        hyps.append(sgpt.chat(units=units, task="asr", max_new_tokens=max_new_tokens, temperature=0,
+                              speak=False).transcript)
+        refs.append(reference)
+    return {"wer": word_error_rate(refs, hyps), "cer": char_error_rate(refs, hyps), "n": len(refs)}
+
+
+def evaluate_tts(sgpt, items, max_new_tokens=512, progress=True):
+    """items: (text, reference units) pairs -> {"unit_edit_distance", "n"} of greedy TTS."""
+    items, refs, hyps = _check_items(items, "TTS"), [], []
+    for text, units in tqdm(items, desc="eval TTS", disable=not progress):
+        hyps.append(sgpt.chat(text=text, task="tts", max_new_tokens=max_new_tokens, temperature=0,
+                              speak=False).answer_units)
+        refs.append(list(units))
+    return {"unit_edit_distance": unit_edit_distance(refs, hyps), "n": len(refs)}
+
+
+def evaluate_chain(sgpt, items, max_new_tokens=768, progress=True):
+    """items: (question units, question text, answer text, answer units) -> greedy spoken dialogue scores:
+    transcript_wer, answer_accuracy (exact match of [ta]), speech_answer_unit_edit_distance,
+    well_formed (share of complete responses), n."""
+    items, results = _check_items(items, "chain"), []
+    for q_units, _, _, _ in tqdm(items, desc="eval chain", disable=not progress):
+        results.append(sgpt.chat(units=q_units, task="dialogue", max_new_tokens=max_new_tokens, temperature=0,
+                                 speak=False))
+    return {"transcript_wer": word_error_rate([q for _, q, _, _ in items], [r.transcript for r in results]),
+            "answer_accuracy": exact_match_accuracy([a for _, _, a, _ in items], [r.text_answer for r in results]),
+            "speech_answer_unit_edit_distance": unit_edit_distance([list(u) for *_, u in items],
+                                                                   [r.answer_units for r in results]),
+            "well_formed": sum(r.response.complete for r in results) / len(results),
+            "n": len(results)}

@@ -124,3 +124,197 @@ def test_unit_edit_distance_and_exact_match():
     assert unit_edit_distance([[1, 2]], [[]]) == 1.0
     assert exact_match_accuracy(["Four.", "six", "two"], ["four", "seven", None]) == pytest.approx(1 / 3)
     assert normalize_text("  It's  SEVEN, isn't it? ") == "it's seven isn't it"
+
+
+# ----------------------------------------------------------------------------- a tiny run directory
+
+from speechgpt_min.audio import SAMPLE_RATE  # noqa: E402
+from speechgpt_min.data import (ASR_INSTRUCTIONS, CHAIN_TEMPLATE, SYSTEM_PROMPT, TTS_INSTRUCTIONS,  # noqa: E402
+                                encode_dialogue, encode_prompt, speech_text)
+from speechgpt_min.hubert import HuBERT, HubertConfig  # noqa: E402
+from speechgpt_min.lora import LoRAConfig, inject, lora_layers, save_adapter  # noqa: E402
+from speechgpt_min.model import LMConfig, Transformer  # noqa: E402
+from speechgpt_min.pipeline import (ChatResult, PipelineError, SpeechGPT, evaluate_asr, evaluate_chain,  # noqa: E402
+                                    evaluate_tts)
+from speechgpt_min.tokenizer import Tokenizer  # noqa: E402
+from speechgpt_min.units import KMeans  # noqa: E402
+from speechgpt_min.vocoder import UnitVocoder, VocoderConfig  # noqa: E402
+from speechgpt_min.weights import save_pretrained  # noqa: E402
+
+TINY_HUBERT = dict(conv_dim=(16,) * 7, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                   intermediate_size=48, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, num_clusters=0)
+TEXTS = [SYSTEM_PROMPT, *ASR_INSTRUCTIONS, *TTS_INSTRUCTIONS, "what is two plus two", "two plus two is four",
+         "[Human]: [SpeechGPT]: [ta] [ua] <eoa>. This is input:"]
+
+
+def make_run(directory, seed=0):
+    """A run directory as train.py writes it, every part tiny and randomly initialised."""
+    torch.manual_seed(seed)
+    run = Path(directory)
+    HuBERT(HubertConfig(**TINY_HUBERT)).save_pretrained(run / "hubert")
+    (run / "hubert" / "unit_layer.json").write_text(json.dumps({"layer": 2}))
+    KMeans(torch.randn(K, 32)).save_pretrained(run / "kmeans")
+    tokenizer = Tokenizer.train(TEXTS, n_units=K, min_count=1)
+    tokenizer.save_pretrained(run / "tokenizer")
+    lm = Transformer(LMConfig(vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=2, max_seq_len=1024))
+    save_pretrained(lm, run / "stage2" / "model", bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    tokenizer.save_pretrained(run / "stage2" / "model")
+    lora = LoRAConfig(r=2, alpha=4, dropout=0.0)
+    inject(lm, lora)
+    for layer in lora_layers(lm).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)  # a non-zero update, so loading it shows
+    save_adapter(lm, run / "stage3" / "adapter", lora)
+    UnitVocoder(VocoderConfig(num_embeddings=K, embedding_dim=8, upsample_initial_channel=32,
+                              dur_hidden_dim=8)).save_pretrained(run / "vocoder")
+    (run / "report.json").write_text("{}\n")
+    return run, lm
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def sgpt(run):
+    return SpeechGPT.from_run(run[0], device="cpu")
+
+
+def noise(seconds=1.0, sr=SAMPLE_RATE, channels=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (int(seconds * sr),) if channels is None else (int(seconds * sr), channels)
+    return 0.1 * torch.randn(shape, generator=g)
+
+
+def test_from_run_assembles_every_part_and_merges_the_adapter(run, sgpt):
+    directory, trained = run
+    assert sgpt.encoder is not None and sgpt.layer == 2 and sgpt.kmeans.n_clusters == K
+    assert sgpt.vocoder is not None and sgpt.tokenizer.n_units == K
+    assert sgpt.prompts.chain == CHAIN_TEMPLATE
+    layer = lora_layers(trained)["layers.0.self_attn.q_proj"]
+    merged = layer.weight + layer.delta_weight()  # stage 2 weight + the stage 3 update
+    torch.testing.assert_close(sgpt.lm.layers[0].self_attn.q_proj.weight, merged)
+    assert not lora_layers(sgpt.lm)  # folded into plain linear layers
+
+
+def test_prompts_are_the_training_prefixes(sgpt):
+    tok, units = sgpt.tokenizer, [3, 1, 4]
+    assert sgpt.prompt("dialogue", text="hi") == SYSTEM_PROMPT + "[Human]: hi<eoh>. [SpeechGPT]: "
+    for dialogue, task, kwargs in [(asr_dialogue(units, "two plus two"), "asr", dict(question_units=units)),
+                                   (tts_dialogue("two plus two", units), "tts", dict(text="two plus two")),
+                                   (chain_dialogue("s2s", "q", "a", units, units), "dialogue",
+                                    dict(question_units=units))]:
+        prompt_ids = encode_prompt(tok, sgpt.prompt(task, **kwargs))
+        assert encode_dialogue(tok, dialogue).tokens[:len(prompt_ids)] == prompt_ids, task
+
+
+@pytest.mark.parametrize("task, inputs", [("dialogue", "wav"), ("dialogue", "text"), ("asr", "wav"),
+                                          ("tts", "text"), ("asr", "units")])
+def test_chat_runs_every_task(sgpt, task, inputs):
+    kwargs = {"wav": dict(wav=noise()), "text": dict(text="what is two plus two"), "units": dict(units=[1, 2, 3])}
+    out = sgpt.chat(task=task, max_new_tokens=24, seed=0, **kwargs[inputs])
+    assert isinstance(out, ChatResult) and out.task == task
+    assert isinstance(out.response.text, str) and isinstance(out.answer_units, list)
+    assert all(isinstance(u, int) and 0 <= u < K for u in out.answer_units)
+    if inputs != "text":
+        assert out.question_units and all(0 <= u < K for u in out.question_units)
+        assert speech_text(out.question_units) in out.prompt
+    if out.answer_units:
+        assert out.waveform.dim() == 1 and out.waveform.dtype == torch.float32 and out.sample_rate == SAMPLE_RATE
+    else:
+        assert out.waveform is None
+    json.dumps(out.to_dict())
+
+
+def test_speech_in_at_any_rate_and_channels(sgpt, tmp_path):
+    import soundfile as sf
+    path = tmp_path / "stereo.wav"
+    sf.write(str(path), noise(1.0, sr=22050, channels=2).numpy(), 22050)
+    units = sgpt.speech_to_units(path)
+    assert units and all(0 <= u < K for u in units)
+    assert all(a != b for a, b in zip(units, units[1:]))  # repeats merged
+    assert sgpt.speech_to_units(noise(1.0, sr=8000), sr=8000)  # samples at another rate
+
+
+def test_speech_out_from_a_well_formed_response(sgpt, monkeypatch):
+    monkeypatch.setattr(sgpt, "generate", lambda *args, **kwargs: "what is two plus two; [ta] four; "
+                        "[ua] <sosp><3><7><3><eosp><eoa>")
+    out = sgpt.chat(wav=noise())
+    assert (out.transcript, out.text_answer, out.answer_units) == ("what is two plus two", "four", [3, 7, 3])
+    assert out.response.complete
+    assert out.waveform.dim() == 1 and out.waveform.dtype == torch.float32
+    assert len(out.waveform) % 320 == 0 and len(out.waveform) >= 3 * 320  # >= 1 frame of 320 samples per unit
+    assert sgpt.chat(wav=noise(), speak=False).waveform is None
+
+
+def _fake_stream(tokens):
+    def stream(ids, max_new_tokens, *args, **kwargs):
+        for t in tokens[:max_new_tokens]:
+            yield torch.tensor([t])
+    return stream
+
+
+def test_generate_stops_at_eoa_text_or_eos(sgpt, monkeypatch):
+    tok = sgpt.tokenizer
+    monkeypatch.setattr(sgpt.lm, "stream", _fake_stream(tok.encode("[ta] four<eoa>. [Human]: more")))
+    pieces = []
+    assert sgpt.generate("x", on_text=pieces.append) == "[ta] four<eoa>"
+    assert "".join(pieces) == "[ta] four<eoa>" and len(pieces) > 1  # streamed piece by piece
+    for stop in (tok.eos_id, tok.special_id("<eos>")):
+        monkeypatch.setattr(sgpt.lm, "stream", _fake_stream(tok.encode("[ta] four") + [stop] + tok.encode("x")))
+        assert sgpt.generate("x") == "[ta] four"
+    monkeypatch.setattr(sgpt.lm, "stream", _fake_stream(tok.encode("four four four four")))
+    assert sgpt.generate("x", max_new_tokens=2) == tok.decode(tok.encode("four four four four")[:2])
+
+
+def test_greedy_is_deterministic_and_streaming_matches(sgpt):
+    prompt = sgpt.prompt("dialogue", text="what is two plus two")
+    pieces = []
+    first = sgpt.generate(prompt, max_new_tokens=30, temperature=0, on_text=pieces.append)
+    assert first == sgpt.generate(prompt, max_new_tokens=30, temperature=0) == "".join(pieces)
+    assert sgpt.generate(prompt, 30, seed=1) == sgpt.generate(prompt, 30, seed=1)  # seeded sampling
+
+
+def test_evaluation_scores_a_perfect_and_a_random_model(sgpt, monkeypatch):
+    asr = [([1, 2], "two plus two"), ([4, 5, 6], "what is two plus two")]
+    tts = [("two plus two", [1, 2, 3]), ("four", [9])]
+    chain = [([1, 2], "what is two plus two", "four", [7, 8]), ([3], "two plus two", "four", [5])]
+    for scores in (evaluate_asr(sgpt, asr, 16, False), evaluate_tts(sgpt, tts, 16, False),
+                   evaluate_chain(sgpt, chain, 16, False)):  # random weights: any scores, well formed
+        assert scores["n"] == 2 and all(v >= 0 for v in scores.values())
+
+    answers = {}  # prompt -> the right response, as a perfectly trained model would write it
+    for units, text in asr:
+        answers[sgpt.prompt("asr", units)] = asr_dialogue(units, text).response
+    for text, units in tts:
+        answers[sgpt.prompt("tts", text=text)] = tts_dialogue(text, units).response
+    for q_units, q, a, a_units in chain:
+        answers[sgpt.prompt("dialogue", q_units)] = chain_dialogue("s2s", q, a, q_units, a_units).response
+    monkeypatch.setattr(sgpt, "generate", lambda prompt, *args: answers[prompt])
+    assert evaluate_asr(sgpt, asr, progress=False) == {"wer": 0.0, "cer": 0.0, "n": 2}
+    assert evaluate_tts(sgpt, tts, progress=False) == {"unit_edit_distance": 0.0, "n": 2}
+    assert evaluate_chain(sgpt, chain, progress=False) == {
+        "transcript_wer": 0.0, "answer_accuracy": 1.0, "speech_answer_unit_edit_distance": 0.0,
+        "well_formed": 1.0, "n": 2}
+
+
+def test_user_errors_name_the_problem(sgpt, run, tmp_path):
+    with pytest.raises(PipelineError, match="python train.py"):
+        SpeechGPT.from_run(tmp_path / "nope")
+    with pytest.raises(PipelineError, match="stage2/model"):
+        SpeechGPT.from_run(tmp_path)
+    with pytest.raises(PipelineError, match="empty"):
+        sgpt.chat(text="  ")
+    with pytest.raises(PipelineError, match="exactly one"):
+        sgpt.chat(units=[1], text="hi")
+    with pytest.raises(PipelineError, match="unknown task"):
+        sgpt.chat(text="hi", task="translate")
+    with pytest.raises(PipelineError, match="0..19"):
+        sgpt.chat(units=[K], task="asr")
+    with pytest.raises(PipelineError, match="context"):
+        sgpt.generate("word " * 2000)
+    wrong = run[0].parent / "wrong_vocoder"
+    UnitVocoder(VocoderConfig(num_embeddings=K + 1, embedding_dim=8, upsample_initial_channel=32,
+                              dur_hidden_dim=8)).save_pretrained(wrong)
+    with pytest.raises(PipelineError, match="vocoder speaks 21 units"):
+        SpeechGPT.from_parts(run[0] / "stage2" / "model", vocoder_path=wrong, device="cpu")
