@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .hubert import extract_features
+from .hubert import HuBERT, extract_features, mfcc_features, pretrain
 
 FORMAT = "speechgpt_min.kmeans"
 SOSP, EOSP = "<sosp>", "<eosp>"
@@ -93,7 +93,7 @@ class KMeans(torch.nn.Module):
         return cls(np.asarray(model.cluster_centers_, dtype=np.float32))
 
 
-def fit_kmeans(features, n_clusters, seed=0, max_frames=100_000, batch_size=10000, max_iter=100, n_init=3):
+def fit_kmeans(features, n_clusters, seed=0, max_frames=50_000, batch_size=4096, max_iter=30, n_init=1):
     """Fit k-means with scikit-learn's MiniBatchKMeans (HuBERT's recipe), seeded, on at most
     `max_frames` frames drawn at random (HuBERT fits on a 10% subset too).
     features: (N, D) array or tensor, or a list of (T_i, D) -> KMeans."""
@@ -107,7 +107,7 @@ def fit_kmeans(features, n_clusters, seed=0, max_frames=100_000, batch_size=1000
     if len(features) < n_clusters:
         raise ValueError(f"{len(features)} frames cannot make {n_clusters} clusters")
     km = MiniBatchKMeans(n_clusters=n_clusters, random_state=seed, batch_size=batch_size, max_iter=max_iter,
-                         n_init=n_init, max_no_improvement=100, reassignment_ratio=0.0, init="k-means++")
+                         n_init=n_init, max_no_improvement=20, reassignment_ratio=0.0, init="k-means++")
     km.fit(features)
     return KMeans(km.cluster_centers_)
 
@@ -240,8 +240,6 @@ def train_unit_encoder(wavs, config, n_units=100, steps=(300, 300), target_layer
     wavs: list of (T_i,) 16 kHz tensors; config: a HubertConfig with num_clusters = n_units.
     Returns dict: encoder (encoder 2), layer, kmeans, and iteration1, mfcc_kmeans, losses for study.
     """
-    from .hubert import HuBERT, mfcc_features, pretrain
-
     torch.manual_seed(seed)
     mfccs = [mfcc_features(w) for w in wavs]
     mfcc_kmeans = fit_kmeans(mfccs, n_units, seed)
