@@ -291,7 +291,10 @@ class SpeechGPT:
         vocoder_path: a vocoder directory or checkpoint file with config.json beside it.
         """
         device = _device(device)
-        lm = load_pretrained(lm_dir, dtype=dtype, device=device)
+        try:
+            lm = load_pretrained(lm_dir, dtype=dtype, device=device)
+        except KeyError as error:  # a config.json without LLaMA's fields
+            raise PipelineError(f"{lm_dir}: config.json has no {error.args[0]!r}: not a LLaMA checkpoint") from None
         if adapter_dir is not None:
             load_adapter(lm, adapter_dir)
             merge_and_unload(lm)  # inference: fold the update into the weights
