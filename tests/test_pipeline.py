@@ -318,3 +318,95 @@ def test_user_errors_name_the_problem(sgpt, run, tmp_path):
                               dur_hidden_dim=8)).save_pretrained(wrong)
     with pytest.raises(PipelineError, match="vocoder speaks 21 units"):
         SpeechGPT.from_parts(run[0] / "stage2" / "model", vocoder_path=wrong, device="cpu")
+
+
+# ----------------------------------------------------------------------------- released-format parts
+
+RELEASED_K = 50  # the reference vocoder's num_embeddings
+REFERENCE = Path("/work/shared/reference/unit_hifigan")
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """A miniature of the released artifacts, each in its own file format: an HF LLaMA directory
+    (pytorch_model.bin, SentencePiece tokenizer.model, added_tokens.json), a PEFT adapter
+    (adapter_model.bin), an HF HubertModel directory, a joblib scikit-learn k-means, and a
+    {"generator": state_dict} vocoder checkpoint with its config.json."""
+    transformers = pytest.importorskip("transformers")
+    spm = pytest.importorskip("sentencepiece")
+    import io
+
+    import joblib
+    import numpy as np
+    from sklearn.cluster import KMeans as SKLearnKMeans
+
+    from speechgpt_min.tokenizer import SPECIAL_TOKENS
+    from speechgpt_min.weights import load_pretrained
+
+    if not (REFERENCE / "g_tiny.pt").exists():
+        pytest.skip(f"no reference vocoder checkpoint in {REFERENCE}")
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("released")
+    lm_dir, adapter_dir, hubert_dir, vocoder_dir = (root / n for n in ("cm", "com", "mhubert", "vocoder"))
+    lm_dir.mkdir()
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS * 5), model_writer=model, vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, minloglevel=2)
+    (lm_dir / "tokenizer.model").write_bytes(model.getvalue())
+    base = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()  # LLaMA: 32000
+    added = [f"<{u}>" for u in range(RELEASED_K)] + list(SPECIAL_TOKENS)
+    (lm_dir / "added_tokens.json").write_text(json.dumps({t: base + i for i, t in enumerate(added)}))
+    config = transformers.LlamaConfig(vocab_size=base + len(added), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                      max_position_embeddings=1024, rms_norm_eps=1e-6, bos_token_id=1,
+                                      eos_token_id=2, tie_word_embeddings=False)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    config.to_json_file(str(lm_dir / "config.json"))
+    torch.save(hf.state_dict(), lm_dir / "pytorch_model.bin")
+
+    ours = load_pretrained(lm_dir)
+    lora = LoRAConfig.from_preset("speechgpt")
+    inject(ours, lora)
+    for layer in lora_layers(ours).values():
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
+    save_adapter(ours, adapter_dir, lora, safetensors=False)
+    with torch.no_grad():  # the reference: the update merged into transformers' own model
+        for name, layer in lora_layers(ours).items():
+            hf.get_submodule("model." + name).weight += layer.delta_weight()
+
+    transformers.HubertModel(transformers.HubertConfig(
+        conv_dim=(16, 16, 24, 24, 24, 32, 32), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=48, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)).save_pretrained(hubert_dir)
+    km = SKLearnKMeans(n_clusters=RELEASED_K, n_init=1, random_state=0).fit(np.random.default_rng(0).normal(size=(400, 32)))
+    joblib.dump(km, root / "km50.bin")
+    vocoder_dir.mkdir()
+    shutil.copy(REFERENCE / "tiny_config.json", vocoder_dir / "config.json")
+    shutil.copy(REFERENCE / "g_tiny.pt", vocoder_dir / "g_tiny.pt")
+    sgpt = SpeechGPT.from_parts(lm_dir, adapter_dir, hubert_dir, 2, root / "km50.bin", vocoder_dir / "g_tiny.pt",
+                                device="cpu")
+    return sgpt, hf
+
+
+def test_released_format_parts_load(released):
+    sgpt, hf = released
+    tok = sgpt.tokenizer
+    base = tok.backend.vocab_size  # ids as in SpeechGPT-7B-cm: units from the base size, <sosp> after them
+    assert (tok.n_units, tok.unit_id(0), tok.special_id("<sosp>"), tok.special_id("<eos>")) == (
+        50, base, base + 50, base + 55)
+    assert sgpt.kmeans.n_clusters == 50 and sgpt.vocoder.config.num_embeddings == 50 and sgpt.layer == 2
+    ids = torch.tensor([encode_prompt(tok, sgpt.prompt("dialogue", [1, 2, 3]))])
+    with torch.no_grad():  # our LM with the adapter merged == transformers' LLaMA with the same update
+        torch.testing.assert_close(sgpt.lm(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+    assert sgpt.prompt("asr", [1]) == SYSTEM_PROMPT + ("[Human]: " + ASR_INSTRUCTIONS[0] +
+                                                      " This is input: <sosp><1><eosp> <eoh>. [SpeechGPT]: ")
+
+
+def test_released_format_speech_in_speech_out(released, monkeypatch):
+    sgpt, _ = released
+    out = sgpt.chat(wav=noise(1.5), max_new_tokens=24, seed=0)  # the real model: random, but it runs
+    assert out.question_units and all(0 <= u < RELEASED_K for u in out.question_units)
+    assert out.prompt.endswith("<eosp> <eoh>. [SpeechGPT]: ")
+    monkeypatch.setattr(sgpt, "generate", lambda *args, **kwargs: "hm; [ta] yes; [ua] <sosp><49><0><7><eosp><eoa>")
+    out = sgpt.chat(wav=noise(1.5))
+    assert out.answer_units == [49, 0, 7] and out.response.complete
+    assert out.waveform.dim() == 1 and out.waveform.dtype == torch.float32 and len(out.waveform) >= 3 * 320
