@@ -395,8 +395,11 @@ class SpeechGPT:
             token = int(token[0])
             if token in self.stop_ids:
                 break
+            try:  # the whole text again: pieces join with the right spaces
+                text = self.tokenizer.decode(new + [token])
+            except ValueError:  # an id the tokenizer does not assign (a padded embedding row): end here
+                break
             new.append(token)
-            text = self.tokenizer.decode(new)  # the whole text again: pieces join with the right spaces
             done = END_OF_ANSWER in text
             if done:
                 text = text[:text.index(END_OF_ANSWER) + len(END_OF_ANSWER)]

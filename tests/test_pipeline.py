@@ -410,3 +410,9 @@ def test_released_format_speech_in_speech_out(released, monkeypatch):
     out = sgpt.chat(wav=noise(1.5))
     assert out.answer_units == [49, 0, 7] and out.response.complete
     assert out.waveform.dim() == 1 and out.waveform.dtype == torch.float32 and len(out.waveform) >= 3 * 320
+
+
+def test_generate_ends_at_an_unassigned_token(sgpt, monkeypatch):
+    tok = sgpt.tokenizer
+    monkeypatch.setattr(sgpt.lm, "stream", _fake_stream(tok.encode("[ta] four") + [tok.vocab_size + 3] + [5]))
+    assert sgpt.generate("x") == "[ta] four"
