@@ -6,6 +6,7 @@
 How good are units? `unit_quality` scores them against phone alignments: PNMI = I(phone; unit) /
 H(phone), the share of phone information the units keep (1 = units determine the phone).
 """
+import copy
 import json
 import re
 from pathlib import Path
@@ -230,12 +231,13 @@ def score_units(unit_seqs, alignment_paths):
 
 # ----------------------------------------------------------------------------- the HuBERT recipe
 
-def train_unit_encoder(wavs, config, n_units=100, steps=(300, 300), target_layer=2, unit_layer=3, lr=2e-3,
-                       batch_size=8, seed=0, progress=True):
+def train_unit_encoder(wavs, config, n_units=100, steps=(100, 100), target_layer=0, unit_layer=3, lr=2e-3,
+                       batch_size=8, max_frames=150, warm_start=False, seed=0, progress=True):
     """HuBERT's two iterations from scratch, then the unit quantiser.
 
     1. k-means (n_units) on MFCC frames -> targets; pretrain encoder 1 (masked prediction).
-    2. k-means on encoder 1's `target_layer` -> targets; pretrain a fresh encoder 2.
+    2. k-means on encoder 1's `target_layer` -> targets; pretrain encoder 2 (fresh as in the
+       paper, or continuing from encoder 1 with `warm_start`, which helps on tiny budgets).
     3. k-means on encoder 2's `unit_layer`: the units.
     wavs: list of (T_i,) 16 kHz tensors; config: a HubertConfig with num_clusters = n_units.
     Returns dict: encoder (encoder 2), layer, kmeans, and iteration1, mfcc_kmeans, losses for study.
@@ -248,8 +250,9 @@ def train_unit_encoder(wavs, config, n_units=100, steps=(300, 300), target_layer
         if iteration > 0:  # the next targets: clusters of the previous encoder's `target_layer`
             features = extract_features(models[-1], wavs, target_layer, progress=progress)
             targets = [fit_kmeans(features, n_units, seed).assign(f) for f in features]
-        model = HuBERT(config)
-        losses.append(pretrain(model, wavs, targets, n_steps, lr, batch_size, seed + iteration, progress=progress))
+        model = copy.deepcopy(models[-1]) if warm_start and models else HuBERT(config)
+        losses.append(pretrain(model, wavs, targets, n_steps, lr, batch_size, seed + iteration, max_frames,
+                               progress=progress))
         models.append(model)
     kmeans = fit_kmeans(extract_features(models[-1], wavs, unit_layer, progress=progress), n_units, seed)
     return {"encoder": models[-1], "layer": unit_layer, "kmeans": kmeans, "iteration1": models[0],
