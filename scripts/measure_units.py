@@ -61,7 +61,7 @@ def main():
     parser.add_argument("--data", type=Path, default=Path("tiny_data"), help="directory with manifest.jsonl")
     parser.add_argument("--k", type=int, default=100, help="number of units (k-means clusters)")
     parser.add_argument("--preset", default="toy", help="HuBERT preset to pretrain")
-    parser.add_argument("--steps", type=int, nargs=2, default=[150, 150], metavar=("ITER1", "ITER2"),
+    parser.add_argument("--steps", type=int, nargs=2, default=[100, 100], metavar=("ITER1", "ITER2"),
                         help="pretraining steps of iterations 1 and 2")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=8)
