@@ -36,8 +36,9 @@ from speechgpt_min.trainer import TrainConfig, train
 from speechgpt_min.units import dedup, score_units, speech_to_units, train_unit_encoder
 from speechgpt_min.weights import expand_vocab, load_pretrained, save_pretrained
 from speechgpt_min.vocoder import UnitVocoder, VocoderConfig, evaluate_vocoder, train_vocoder
-from speechgpt_min.pipeline import (PipelineError, SpeechGPT, evaluate_asr, evaluate_chain, evaluate_tts,
-                                    exact_match_accuracy, unit_edit_distance)
+from speechgpt_min.pipeline import PipelineError, SpeechGPT
+from speechgpt_min.evaluate import (evaluate_asr, evaluate_chain, evaluate_tts, exact_match_accuracy, unit_edit_distance,
+                                    whisper_available, whisper_transcribe, word_error_rate)
 
 # The embedded default: the toy preset on tiny_data, sized for minutes on 2 CPU cores.
 DEFAULTS = {
@@ -311,13 +312,14 @@ def step_eval(args, settings, report):
 
 
 def evaluate_vocoder_on_test(args, sgpt, rows, units, report):
-    """Mel L1 with true durations; re-encoded unit edit distance and real-time factor with predicted ones."""
+    """Mel L1 with true durations; with predicted ones, the unit edit distance after re-encoding, the
+    real-time factor, and (where Whisper is installed) the WER of vocoded next to original speech."""
     if sgpt.vocoder is None:
         return
     test_rows = [r for r in rows if r["split"] == "test"]
     items = vocoder_items(args, test_rows, units)
     report["vocoder.mel_l1"] = round(evaluate_vocoder(sgpt.vocoder, items), 4)
-    seconds_of_audio, compute, refs, hyps = 0.0, 0.0, [], []
+    seconds_of_audio, compute, refs, hyps, vocoded = 0.0, 0.0, [], [], []
     for _, u, _ in items:
         start = time.perf_counter()
         with torch.inference_mode():
@@ -326,8 +328,13 @@ def evaluate_vocoder_on_test(args, sgpt, rows, units, report):
         seconds_of_audio += len(wav) / 16000
         refs.append(u.tolist())
         hyps.append(sgpt.speech_to_units(wav))
+        vocoded.append(wav)
     report["vocoder.rtf"] = round(compute / seconds_of_audio, 4)
     report["vocoder.resynthesis_unit_edit_distance"] = round(unit_edit_distance(refs, hyps), 4)
+    if whisper_available():
+        texts = [r["text"] for r in test_rows]
+        report["vocoder.whisper_wer_original"] = round(word_error_rate(texts, whisper_transcribe([w for w, _, _ in items])), 4)
+        report["vocoder.whisper_wer_vocoded"] = round(word_error_rate(texts, whisper_transcribe(vocoded)), 4)
 
 
 STEPS = {"units": step_units, "stage1": step_stage1, "stage2": step_stage2, "stage3": step_stage3,

@@ -19,7 +19,7 @@ follow this format, so `parse_response` keeps whatever it can and lists what was
 A model trained here is prompted with exactly its training prefix (prompts="trained"); the released
 weights with the released inference template (prompts="released", the default of `from_parts`).
 Sampling defaults are the released ones (temperature 0.7, top_p 0.8, top_k 50); temperature=0 is
-greedy decoding, which the evaluation functions at the end of this file use.
+greedy decoding, which the evaluation (evaluate.py) uses.
 """
 import json
 import re
@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .audio import SAMPLE_RATE, load_audio
 from .data import (ASR_INSTRUCTIONS, CHAIN_TEMPLATE, END_OF_ANSWER, INFERENCE_TEMPLATE, INSTRUCTION_TEMPLATE,
@@ -141,60 +140,6 @@ def parse_response(text, n_units=None):
     else:
         answer = _clean(body)
     return Response(text, transcript, answer, units, problems)
-
-
-# ----------------------------------------------------------------------------- metrics
-
-def edit_distance(ref, hyp):
-    """Levenshtein distance between two sequences (substitutions, insertions, deletions cost 1)."""
-    row = list(range(len(hyp) + 1))  # distances from ref[:0] to every prefix of hyp
-    for i, r in enumerate(ref, 1):
-        diagonal, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (r != h))
-    return row[-1]
-
-
-def normalize_text(text):
-    """Lowercase, punctuation to spaces (apostrophes kept), whitespace collapsed: "Seven." -> "seven"."""
-    return " ".join(re.sub(r"[^\w' ]+", " ", (text or "").lower()).split())
-
-
-def _corpus_rate(refs, hyps, split):
-    refs, hyps = list(refs), list(hyps)
-    if len(refs) != len(hyps):
-        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
-    edits = sum(edit_distance(split(r), split(h)) for r, h in zip(refs, hyps))
-    total = sum(len(split(r)) for r in refs)
-    if total == 0:
-        raise ValueError("the references are empty: an error rate needs something to compare against")
-    return edits / total
-
-
-def word_error_rate(refs, hyps, normalize=True):
-    """Corpus WER: word edits over all pairs / reference words. None as a hypothesis is empty."""
-    norm = normalize_text if normalize else (lambda s: s or "")
-    return _corpus_rate(refs, hyps, lambda s: norm(s).split())
-
-
-def char_error_rate(refs, hyps, normalize=True):
-    """Corpus CER: character edits (spaces included) / reference characters."""
-    norm = normalize_text if normalize else (lambda s: s or "")
-    return _corpus_rate(refs, hyps, lambda s: list(norm(s)))
-
-
-def unit_edit_distance(ref_units, hyp_units):
-    """Corpus unit edit distance: edits over all pairs / reference units. Each argument: a list of unit lists."""
-    return _corpus_rate(ref_units, hyp_units, lambda units: list(units or []))
-
-
-def exact_match_accuracy(refs, hyps, normalize=True):
-    """Share of hypotheses equal to their reference (after normalize_text by default)."""
-    refs, hyps = list(refs), list(hyps)
-    if len(refs) != len(hyps) or not refs:
-        raise ValueError(f"need equally many references and hypotheses, at least one; got {len(refs)} and {len(hyps)}")
-    norm = normalize_text if normalize else (lambda s: s or "")
-    return sum(norm(r) == norm(h) for r, h in zip(refs, hyps)) / len(refs)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -436,48 +381,3 @@ class SpeechGPT:
         units_out = response.answer_units if task != "asr" else []
         waveform = self.units_to_speech(units_out) if speak else None
         return ChatResult(task, prompt, response, question_units, transcript, text_answer, units_out, waveform)
-
-
-# ----------------------------------------------------------------------------- evaluation (greedy)
-
-def _check_items(items, what):
-    items = list(items)
-    if not items:
-        raise ValueError(f"no {what} items to evaluate")
-    return items
-
-
-def evaluate_asr(sgpt, items, max_new_tokens=256, progress=True):
-    """items: (units, reference text) pairs -> {"wer", "cer", "n"} of greedy ASR."""
-    items, refs, hyps = _check_items(items, "ASR"), [], []
-    for units, reference in tqdm(items, desc="eval ASR", disable=not progress):
-        hyps.append(sgpt.chat(units=units, task="asr", max_new_tokens=max_new_tokens, temperature=0,
-                              speak=False).transcript)
-        refs.append(reference)
-    return {"wer": word_error_rate(refs, hyps), "cer": char_error_rate(refs, hyps), "n": len(refs)}
-
-
-def evaluate_tts(sgpt, items, max_new_tokens=512, progress=True):
-    """items: (text, reference units) pairs -> {"unit_edit_distance", "n"} of greedy TTS."""
-    items, refs, hyps = _check_items(items, "TTS"), [], []
-    for text, units in tqdm(items, desc="eval TTS", disable=not progress):
-        hyps.append(sgpt.chat(text=text, task="tts", max_new_tokens=max_new_tokens, temperature=0,
-                              speak=False).answer_units)
-        refs.append(list(units))
-    return {"unit_edit_distance": unit_edit_distance(refs, hyps), "n": len(refs)}
-
-
-def evaluate_chain(sgpt, items, max_new_tokens=768, progress=True):
-    """items: (question units, question text, answer text, answer units) -> greedy spoken dialogue scores:
-    transcript_wer, answer_accuracy (exact match of [ta]), speech_answer_unit_edit_distance,
-    well_formed (share of complete responses), n."""
-    items, results = _check_items(items, "chain"), []
-    for q_units, _, _, _ in tqdm(items, desc="eval chain", disable=not progress):
-        results.append(sgpt.chat(units=q_units, task="dialogue", max_new_tokens=max_new_tokens, temperature=0,
-                                 speak=False))
-    return {"transcript_wer": word_error_rate([q for _, q, _, _ in items], [r.transcript for r in results]),
-            "answer_accuracy": exact_match_accuracy([a for _, _, a, _ in items], [r.text_answer for r in results]),
-            "speech_answer_unit_edit_distance": unit_edit_distance([list(u) for *_, u in items],
-                                                                   [r.answer_units for r in results]),
-            "well_formed": sum(r.response.complete for r in results) / len(results),
-            "n": len(results)}

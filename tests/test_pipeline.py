@@ -10,8 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from speechgpt_min.data import asr_dialogue, chain_dialogue, tts_dialogue
-from speechgpt_min.pipeline import (Response, char_error_rate, edit_distance, exact_match_accuracy, normalize_text,
-                                    parse_response, unit_edit_distance, word_error_rate)
+from speechgpt_min.pipeline import Response, parse_response
 
 K = 20  # units of the tiny fixtures
 
@@ -96,36 +95,6 @@ def test_valid_responses_round_trip(variant, question, answer, q_units, a_units)
     assert r.answer_units == (a_units if variant in ("s2s", "t2s", "tts") else [])
 
 
-# ----------------------------------------------------------------------------- metrics
-
-def test_edit_distance():
-    assert edit_distance("kitten", "sitting") == 3
-    assert edit_distance([], [1, 2]) == 2 and edit_distance([1, 2], []) == 2 and edit_distance([], []) == 0
-    assert edit_distance([1, 2, 3], [1, 3]) == 1
-
-
-def test_word_and_char_error_rates():
-    # pair 1: "the cat sat" -> "the cat sat down": 1 insertion; pair 2: "a b" -> "a c": 1 substitution
-    assert word_error_rate(["the cat sat", "a b"], ["the cat sat down", "a c"]) == pytest.approx(2 / 5)
-    assert word_error_rate(["The cat, sat."], ["the cat sat"]) == 0.0  # normalised
-    assert word_error_rate(["The cat"], ["the cat"], normalize=False) == pytest.approx(1 / 2)
-    assert word_error_rate(["one two"], [None]) == 1.0
-    # "abc" -> "abd" 1 sub; "hello" -> "hallo" 1 sub: 2 / 8
-    assert char_error_rate(["abc", "hello"], ["abd", "hallo"]) == pytest.approx(2 / 8)
-    assert char_error_rate(["a b"], ["ab"]) == pytest.approx(1 / 3)  # the space counts
-    with pytest.raises(ValueError, match="references"):
-        word_error_rate(["a"], ["a", "b"])
-    with pytest.raises(ValueError, match="empty"):
-        word_error_rate([""], ["x"])
-
-
-def test_unit_edit_distance_and_exact_match():
-    assert unit_edit_distance([[1, 2, 3, 4], [5, 6]], [[1, 2, 4], [5, 6, 7, 8]]) == pytest.approx(3 / 6)
-    assert unit_edit_distance([[1, 2]], [[]]) == 1.0
-    assert exact_match_accuracy(["Four.", "six", "two"], ["four", "seven", None]) == pytest.approx(1 / 3)
-    assert normalize_text("  It's  SEVEN, isn't it? ") == "it's seven isn't it"
-
-
 # ----------------------------------------------------------------------------- a tiny run directory
 
 from speechgpt_min.audio import SAMPLE_RATE  # noqa: E402
@@ -134,8 +103,8 @@ from speechgpt_min.data import (ASR_INSTRUCTIONS, CHAIN_TEMPLATE, SYSTEM_PROMPT,
 from speechgpt_min.hubert import HuBERT, HubertConfig  # noqa: E402
 from speechgpt_min.lora import LoRAConfig, inject, lora_layers, save_adapter  # noqa: E402
 from speechgpt_min.model import LMConfig, Transformer  # noqa: E402
-from speechgpt_min.pipeline import (ChatResult, PipelineError, SpeechGPT, evaluate_asr, evaluate_chain,  # noqa: E402
-                                    evaluate_tts)
+from speechgpt_min.evaluate import evaluate_asr, evaluate_chain, evaluate_tts  # noqa: E402
+from speechgpt_min.pipeline import ChatResult, PipelineError, SpeechGPT  # noqa: E402
 from speechgpt_min.tokenizer import Tokenizer  # noqa: E402
 from speechgpt_min.units import KMeans  # noqa: E402
 from speechgpt_min.vocoder import UnitVocoder, VocoderConfig  # noqa: E402
