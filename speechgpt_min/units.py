@@ -249,7 +249,8 @@ def train_unit_encoder(wavs, config, n_units=100, steps=(100, 100), target_layer
     for iteration, n_steps in enumerate(steps):
         if iteration > 0:  # the next targets: clusters of the previous encoder's `target_layer`
             features = extract_features(models[-1], wavs, target_layer, progress=progress)
-            targets = [fit_kmeans(features, n_units, seed).assign(f) for f in features]
+            target_kmeans = fit_kmeans(features, n_units, seed)
+            targets = [target_kmeans.assign(f) for f in features]
         model = copy.deepcopy(models[-1]) if warm_start and models else HuBERT(config)
         losses.append(pretrain(model, wavs, targets, n_steps, lr, batch_size, seed + iteration, max_frames,
                                progress=progress))
