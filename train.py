@@ -71,21 +71,10 @@ class UserError(Exception):
 
 
 def read_manifest(data_dir):
-    path = Path(data_dir) / "manifest.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path}: no manifest (expected a directory like tiny_data/ with manifest.jsonl)")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path}:{number}: not valid JSON ({error})") from None
-            missing = {"id", "audio", "split"} - row.keys()
-            if missing:
-                raise UserError(f"{path}:{number}: missing field(s) {', '.join(sorted(missing))}")
-            rows.append(row)
-    return rows
+    try:
+        return load_manifest(Path(data_dir) / "manifest.jsonl")
+    except DataError as error:
+        raise UserError(f"{error} (expected a corpus directory like tiny_data/ with manifest.jsonl)") from None
 
 
 def load_wavs(data_dir, rows):
@@ -142,11 +131,12 @@ def step_units(args, settings, report):
           f"HuBERT layer {layer} {report.get('units.pnmi_hubert')}")
 
 
-def read_units(run_dir):
+def read_units(run_dir, field="units"):
+    """{utterance id: its deduplicated units} (or their durations, field="durations") from units.jsonl."""
     path = run_dir / "units.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: no units yet; run the units step first (python train.py --stage units)")
-    return {row["id"]: row["units"] for row in map(json.loads, path.read_text().splitlines())}
+    return {row["id"]: row[field] for row in map(json.loads, path.read_text().splitlines())}
 
 
 def train_config(args, settings, stage):
@@ -245,22 +235,17 @@ def step_stage3(args, settings, report):
 
 def corpus(args):
     """Manifest, question/answer pairs and the units step's unit table."""
+    rows = read_manifest(args.data)
     try:
-        rows = load_manifest(args.data / "manifest.jsonl")
         pairs = load_pairs(args.data / "qa.jsonl")
     except DataError as error:
         raise UserError(str(error)) from None
     return rows, pairs, read_units(args.out)
 
 
-def read_durations(run_dir):
-    path = run_dir / "units.jsonl"
-    return {row["id"]: row["durations"] for row in map(json.loads, path.read_text().splitlines())}
-
-
 def vocoder_items(args, rows, units):
     """(wav, deduplicated units, durations in frames) per utterance."""
-    durations = read_durations(args.out)
+    durations = read_units(args.out, "durations")
     wavs = load_wavs(args.data, rows)
     return [(w, torch.tensor(units[r["id"]]), torch.tensor(durations[r["id"]])) for w, r in zip(wavs, rows)]
 

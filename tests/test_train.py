@@ -85,7 +85,7 @@ def test_the_run_talks(smoke_run):
 def test_user_mistakes_get_one_line(tmp_path):
     result = run_train("--data", tmp_path / "nowhere", "--out", tmp_path / "run", "--stage", "units")
     assert result.returncode != 0
-    assert "no manifest" in result.stderr and "Traceback" not in result.stderr
+    assert "manifest.jsonl: no such file" in result.stderr and "Traceback" not in result.stderr
     result = run_train("--out", tmp_path / "empty_run", "--stage", "stage2")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "run the units step first" in result.stderr or "run that stage first" in result.stderr
