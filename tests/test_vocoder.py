@@ -139,6 +139,21 @@ def test_batch_with_different_lengths_matches_single_items():
     assert (batch[1, 3 * 320:] == 0).all()
 
 
+def test_bfloat16_inference_stays_close_to_float32(reference, expected, tmp_path):
+    """bfloat16 weights and activations (the fast path on CPUs with bfloat16 units, see
+    benchmarks/bench_vocoder.py): the released tiny generator's waveform stays within 30 dB SNR."""
+    vocoder = UnitVocoder.from_pretrained(released_dir(reference, tmp_path, "g_tiny.pt")).remove_weight_norm().eval()
+    codes = expected["codes"]
+    durations = expected["durations"]
+    with torch.inference_mode():
+        reference_wav = vocoder(codes, durations)
+        fast = vocoder.to(torch.bfloat16)(codes, durations)
+    assert fast.dtype == torch.bfloat16 and fast.shape == reference_wav.shape
+    noise = fast.float() - reference_wav
+    snr_db = 10 * torch.log10(reference_wav.pow(2).sum() / noise.pow(2).sum())
+    assert snr_db > 30, f"bfloat16 waveform SNR {snr_db:.1f} dB"
+
+
 def tone_dataset(num_items=4, num_units=8, seed=0):
     """Items (wav, units, durations) where unit u is a 20 ms-aligned tone at 200 * (u + 1) Hz."""
     generator = torch.Generator().manual_seed(seed)
