@@ -32,7 +32,7 @@ from speechgpt_min.hubert import HubertConfig, mfcc_features
 from speechgpt_min.lora import LoRAConfig, inject, save_adapter
 from speechgpt_min.model import LMConfig, Transformer
 from speechgpt_min.tokenizer import Tokenizer
-from speechgpt_min.trainer import TrainConfig, train
+from speechgpt_min.trainer import TrainConfig, fast_bfloat16, train
 from speechgpt_min.units import dedup, score_units, speech_to_units, train_unit_encoder
 from speechgpt_min.weights import expand_vocab, load_pretrained, save_pretrained
 from speechgpt_min.vocoder import UnitVocoder, VocoderConfig, evaluate_vocoder, train_vocoder
@@ -51,6 +51,7 @@ DEFAULTS = {
         lora="speechgpt",
         vocoder_preset="toy", vocoder_steps=300,
         eval_tokens=dict(asr=64, tts=256, chain=384),  # generation limits: tiny_data's longest answers fit
+        eval_spoken_questions=80,  # per split, evenly spread over the test questions (each is ~130 tokens to generate)
     ),
     # A few steps of everything: checks that the pipeline runs end to end (the tests use it).
     "smoke": dict(
@@ -62,6 +63,7 @@ DEFAULTS = {
         lora="speechgpt",
         vocoder_preset="toy", vocoder_steps=2,
         eval_tokens=dict(asr=8, tts=8, chain=8),
+        eval_spoken_questions=4,
     ),
 }
 
@@ -100,7 +102,7 @@ def step_units(args, settings, report):
     config = HubertConfig.from_preset(settings["hubert_preset"], num_clusters=settings["n_units"])
     result = train_unit_encoder(train_wavs, config, n_units=settings["n_units"], steps=settings["hubert_steps"],
                                 target_layer=settings["target_layer"], unit_layer=settings["unit_layer"],
-                                seed=args.seed)
+                                seed=args.seed, bf16=fast_bfloat16(torch.device("cpu")))
     encoder, layer, kmeans = result["encoder"], result["layer"], result["kmeans"]
     encoder.save_pretrained(args.out / "hubert")
     kmeans.save_pretrained(args.out / "kmeans")
@@ -283,8 +285,8 @@ def step_eval(args, settings, report):
         chain_items = [(units[qid], p["question"]["text"], p["answer"]["text"], units[p["answer"]["audio"][0]])
                        for p in test_pairs for qid in p["question"]["audio"] if by_id[qid]["split"] == split]
         if chain_items:
-            chain = evaluate_chain(sgpt, chain_items, limit["chain"])
-            for key in ("transcript_wer", "answer_accuracy", "speech_answer_unit_edit_distance", "well_formed"):
+            chain = evaluate_chain(sgpt, evenly_spaced(chain_items, settings["eval_spoken_questions"]), limit["chain"])
+            for key in ("transcript_wer", "answer_accuracy", "speech_answer_unit_edit_distance", "well_formed", "n"):
                 report[f"stage3.{key}{suffix}"] = round(chain[key], 4)
     tts = evaluate_tts(sgpt, [(r["text"], units[r["id"]]) for r in sentences["test"]], limit["tts"])
     report["stage2.tts_unit_edit_distance"] = round(tts["unit_edit_distance"], 4)
@@ -294,6 +296,11 @@ def step_eval(args, settings, report):
                for q, _ in text_items]
     report["stage3.text_answer_accuracy"] = round(exact_match_accuracy([a for _, a in text_items], answers), 4)
     evaluate_vocoder_on_test(args, sgpt, sentences["test"], units, report)
+
+
+def evenly_spaced(items, n):
+    """At most n of items, spread evenly over the list (so every skill of the test set is in)."""
+    return items if len(items) <= n else [items[i * len(items) // n] for i in range(n)]
 
 
 def evaluate_vocoder_on_test(args, sgpt, test_rows, units, report):

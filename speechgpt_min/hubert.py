@@ -433,10 +433,11 @@ def pad_batch(wavs):
 
 
 def pretrain(model, wavs, targets, steps, lr=1e-3, batch_size=8, seed=0, max_frames=200, warmup=0.08,
-             progress=True):
+             bf16=False, progress=True):
     """Masked-prediction pretraining with AdamW, linear warm-up then linear decay, clip norm 10.
     wavs: list of (T_i,) 16 kHz tensors; targets: list of (T_i',) long cluster ids, one per frame.
     Each step draws `batch_size` utterances and a random crop of at most `max_frames` frames.
+    bf16: forward under bf16 autocast (~1.5x faster on CPUs with bf16 matrix instructions).
     Returns the loss of every step."""
     for i, (wav, target) in enumerate(zip(wavs, targets)):
         n = int(frame_lengths(model.config, torch.tensor(len(wav))))
@@ -460,7 +461,8 @@ def pretrain(model, wavs, targets, steps, lr=1e-3, batch_size=8, seed=0, max_fra
             crop_targets.append(targets[i][start: start + n])
         wav, lengths = pad_batch(crops)
         target = torch.nn.utils.rnn.pad_sequence(crop_targets, batch_first=True, padding_value=-100)
-        loss, accuracy = model.masked_prediction_loss(wav, lengths, target, generator)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, accuracy = model.masked_prediction_loss(wav, lengths, target, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)

@@ -10,7 +10,7 @@ processes, so one process and N processes with the same batch_size compute the s
 
 What the loop does, step by step:
     lr from the schedule (linear warmup, then cosine down to min_lr)
-    grad_accum micro-batches: forward (bf16 autocast on CUDA), backward, gradients summed
+    grad_accum micro-batches: forward (bf16 autocast where the hardware has fast bf16), backward, gradients summed
     clip the gradient norm, AdamW step (weight decay on matrices only)
     log loss, lr, grad norm and tokens/s to metrics.jsonl and the progress bar
     every eval_every steps: validation loss; every checkpoint_every steps: a checkpoint
@@ -73,7 +73,7 @@ class TrainConfig:
     checkpoint_every: int = 100       # and at the end; 0: only at the end
     seed: int = 0
     device: str = "auto"              # "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:1", "mps"
-    dtype: str = "auto"               # "auto" (bf16 autocast where CUDA supports it), "float32", "bfloat16"
+    dtype: str = "auto"               # "auto" (bf16 autocast where fast_bfloat16(device)), "float32", "bfloat16"
     gradient_checkpointing: bool = False  # recompute activations in backward: for large presets
     fsdp: bool = False                # with several processes: shard weights, gradients, optimizer
     resume: bool = True               # continue from out_dir/ckpt.pt when it exists
@@ -108,6 +108,17 @@ def resolve_device(name="auto"):
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {name!r} asked for, but Apple MPS is not available here")
     return device
+
+
+def fast_bfloat16(device):
+    """Does bf16 autocast pay off here? On CUDA GPUs that support bf16, and on CPUs with bf16 matrix
+    instructions (AVX512-BF16 or AMX: the toy LM trains ~1.5x faster); elsewhere CPU bf16 is
+    emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
 
 
 def init_distributed():
@@ -338,8 +349,7 @@ def train(model, train_set, cfg, val_set=None):
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"
-                                           and torch.cuda.is_bf16_supported())
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and fast_bfloat16(device))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

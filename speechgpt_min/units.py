@@ -232,7 +232,7 @@ def score_units(unit_seqs, alignment_paths):
 # ----------------------------------------------------------------------------- the HuBERT recipe
 
 def train_unit_encoder(wavs, config, n_units=100, steps=(100, 100), target_layer=0, unit_layer=3, lr=2e-3,
-                       batch_size=8, max_frames=150, warm_start=False, seed=0, progress=True):
+                       batch_size=8, max_frames=150, warm_start=False, seed=0, bf16=False, progress=True):
     """HuBERT's two iterations from scratch, then the unit quantiser.
 
     1. k-means (n_units) on MFCC frames -> targets; pretrain encoder 1 (masked prediction).
@@ -240,6 +240,7 @@ def train_unit_encoder(wavs, config, n_units=100, steps=(100, 100), target_layer
        paper, or continuing from encoder 1 with `warm_start`, which helps on tiny budgets).
     3. k-means on encoder 2's `unit_layer`: the units.
     wavs: list of (T_i,) 16 kHz tensors; config: a HubertConfig with num_clusters = n_units.
+    bf16: pretrain under bf16 autocast (see `pretrain`).
     Returns dict: encoder (encoder 2), layer, kmeans, and iteration1, mfcc_kmeans, losses for study.
     """
     torch.manual_seed(seed)
@@ -252,7 +253,7 @@ def train_unit_encoder(wavs, config, n_units=100, steps=(100, 100), target_layer
             target_kmeans = fit_kmeans(features, n_units, seed)
             targets = [target_kmeans.assign(f) for f in features]
         model = copy.deepcopy(models[-1]) if warm_start and models else HuBERT(config)
-        losses.append(pretrain(model, wavs, targets, n_steps, lr, batch_size, seed + iteration, max_frames,
+        losses.append(pretrain(model, wavs, targets, n_steps, lr, batch_size, seed + iteration, max_frames, bf16=bf16,
                                progress=progress))
         models.append(model)
     kmeans = fit_kmeans(extract_features(models[-1], wavs, unit_layer, progress=progress), n_units, seed)

@@ -64,8 +64,9 @@ def setup_run(out_dir, stage=2, model_seed=0, **overrides):
     torch.manual_seed(model_seed)
     model = Transformer(LMConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, ffn_dim=64,
                                  max_seq_len=128))
+    # float32: the same numbers on every machine ("auto" would pick bf16 autocast where it is fast)
     fields = dict(out_dir=str(out_dir), steps=30, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=3,
-                  eval_every=10, checkpoint_every=10, device="cpu", progress=False)
+                  eval_every=10, checkpoint_every=10, device="cpu", dtype="float32", progress=False)
     fields.update(overrides)
     return model, examples[4:], examples[:4], TrainConfig(**fields)
 
