@@ -437,7 +437,7 @@ def pretrain(model, wavs, targets, steps, lr=1e-3, batch_size=8, seed=0, max_fra
     """Masked-prediction pretraining with AdamW, linear warm-up then linear decay, clip norm 10.
     wavs: list of (T_i,) 16 kHz tensors; targets: list of (T_i',) long cluster ids, one per frame.
     Each step draws `batch_size` utterances and a random crop of at most `max_frames` frames.
-    bf16: forward under bf16 autocast (~1.5x faster on CPUs with bf16 matrix instructions).
+    bf16: forward under bf16 autocast (faster on CPUs with bf16 matrix instructions).
     Returns the loss of every step."""
     for i, (wav, target) in enumerate(zip(wavs, targets)):
         n = int(frame_lengths(model.config, torch.tensor(len(wav))))

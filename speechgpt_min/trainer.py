@@ -112,8 +112,7 @@ def resolve_device(name="auto"):
 
 def fast_bfloat16(device):
     """Does bf16 autocast pay off here? On CUDA GPUs that support bf16, and on CPUs with bf16 matrix
-    instructions (AVX512-BF16 or AMX: the toy LM trains ~1.5x faster); elsewhere CPU bf16 is
-    emulated and slower than float32."""
+    instructions (AVX512-BF16 or AMX); elsewhere CPU bf16 is emulated and slower than float32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
