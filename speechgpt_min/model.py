@@ -179,10 +179,10 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(self.layer, k, v)  # each (B, n_kv, past + T, hd)
-        if past == 0:      # the queries are the whole sequence: plain causal mask
-            mask, causal = None, T > 1
-        elif T == 1:       # one new token sees everything before it
+        if T == 1:         # one new token sees everything before it
             mask, causal = None, False
+        elif past == 0:    # the queries are the whole sequence: plain causal mask
+            mask, causal = None, True
         else:              # T new queries after `past` cached positions: query i sees keys <= past + i
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             causal = False
@@ -298,8 +298,13 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------------- generation
 
+    def decode_step(self, x, cache):
+        """x (B, T) new tokens continuing the cache -> logits (B, V) of the token after them."""
+        return self.logits(self.hidden_states(x, cache)[:, -1])  # only the last position
+
     @torch.no_grad()
-    def stream(self, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(), generator=None):
+    def stream(self, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(), generator=None,
+               compile=False):
         """Generate token by token: yields each new token as a (B,) tensor (see `generate`)."""
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise ValueError(f"ids must be (batch, length>0) token ids, got shape {tuple(ids.shape)}")
@@ -310,10 +315,13 @@ class Transformer(nn.Module):
         p = self.embed_tokens.weight
         cache = KVCache(self.config, B, min(T + max_new_tokens, self.config.max_seq_len), p.dtype, p.device)
         finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
-        last = None
-        x = ids
+        # The prompt goes through in one pass; then one token at a time. With compile, torch.compile
+        # traces that one-token step once (the cache length stays symbolic) and fuses each layer's
+        # many small operations into a few kernels.
+        one_token_step = torch.compile(self.decode_step, dynamic=True) if compile else self.decode_step
+        step, x, last = self.decode_step, ids, None
         for _ in range(max_new_tokens):
-            logits = self.logits(self.hidden_states(x, cache)[:, -1])  # (B, V), only the last position
+            logits = step(x, cache)  # (B, V)
             nxt = sample(logits, temperature, top_k, top_p, generator)  # (B,)
             if last is not None:  # a finished row repeats its stop token
                 nxt = torch.where(finished, last, nxt)
@@ -321,17 +329,21 @@ class Transformer(nn.Module):
             finished |= torch.isin(nxt, stop_ids)
             if finished.all():
                 return
-            last, x = nxt, nxt[:, None]  # (B, 1)
+            step, x, last = one_token_step, nxt[:, None], nxt  # x: (B, 1)
 
-    def generate(self, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(), generator=None):
+    def generate(self, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(), generator=None,
+                 compile=False):
         """Continue ids (B, T) by up to max_new_tokens tokens -> (B, T + n_new), prompt included.
 
         temperature 0: greedy (argmax). Otherwise sample from softmax(logits / temperature),
         restricted to the top_k most likely tokens and to the smallest set whose probability
         reaches top_p (nucleus). Stops once every row has produced one of stop_ids (that token is
         kept; rows that stopped earlier repeat theirs). generator: a torch.Generator or an int seed.
+        compile: decode with torch.compile (needs a C++ compiler on CPU; the first call compiles for
+        tens of seconds, later calls on the same model reuse the code): pays off for long generation
+        from small models, whose time goes to launching many small operations.
         """
-        new = list(self.stream(ids, max_new_tokens, temperature, top_k, top_p, stop_ids, generator))
+        new = list(self.stream(ids, max_new_tokens, temperature, top_k, top_p, stop_ids, generator, compile))
         return torch.cat([ids] + [t[:, None] for t in new], dim=1) if new else ids.clone()
 
 

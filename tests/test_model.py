@@ -152,6 +152,14 @@ def test_batched_generation_stops_when_every_row_has_stopped():
     assert (out[0, 6:] == stop).all()  # row 0 repeats its stop token once finished
 
 
+def test_compiled_decoding_gives_the_same_tokens():
+    ours, hf = hf_pair(n_kv_heads=2)
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(7))
+    eager = ours.generate(ids, 12, temperature=0)
+    assert torch.equal(ours.generate(ids, 12, temperature=0, compile=True), eager)
+    assert torch.equal(hf.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0), eager)
+
+
 def test_sample_top_k_support():
     logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0]]).repeat(400, 1)
     picks = sample(logits, temperature=5.0, top_k=2, generator=torch.Generator().manual_seed(0))
