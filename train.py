@@ -43,7 +43,7 @@ from speechgpt_min.evaluate import (evaluate_asr, evaluate_chain, evaluate_tts, 
 # The embedded default: the toy preset on tiny_data, sized for minutes on 2 CPU cores.
 DEFAULTS = {
     "toy": dict(
-        hubert_preset="toy", n_units=100, hubert_steps=(100, 100), target_layer=0, unit_layer=3,
+        hubert_preset="toy", n_units=100, hubert_steps=(700,), target_layer=0, unit_layer=1,
         lm_preset="toy", block_size=256,
         stage1=dict(steps=150, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=15),
         stage2=dict(steps=300, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=20),

@@ -2,10 +2,10 @@
 
 Fits k-means (K units) on the train split's frames and scores the units of the held-out voice
 (`test_unseen_voice`) against its festival phone alignments, for: MFCC features (39-d), every
-layer of a HuBERT encoder pretrained one iteration on MFCC targets, and every layer of a second
-iteration pretrained on iteration-1 targets. Prints a markdown table.
+layer of a HuBERT encoder pretrained one iteration on MFCC targets, and (given two `--steps`)
+every layer of a second iteration pretrained on iteration-1 targets. Prints a markdown table.
 
-    python scripts/measure_units.py --data tiny_data
+    python scripts/measure_units.py --data tiny_data --threads 1
 """
 import argparse
 import json
@@ -61,11 +61,11 @@ def main():
     parser.add_argument("--data", type=Path, default=Path("tiny_data"), help="directory with manifest.jsonl")
     parser.add_argument("--k", type=int, default=100, help="number of units (k-means clusters)")
     parser.add_argument("--preset", default="toy", help="HuBERT preset to pretrain")
-    parser.add_argument("--steps", type=int, nargs=2, default=[100, 100], metavar=("ITER1", "ITER2"),
-                        help="pretraining steps of iterations 1 and 2")
+    parser.add_argument("--steps", type=int, nargs="+", default=[700], metavar="STEPS",
+                        help="pretraining steps of iteration 1 [and iteration 2]; the toy default is one iteration")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-frames", type=int, default=150, help="crop length in pretraining (50 Hz frames)")
+    parser.add_argument("--max-frames", type=int, default=64, help="crop length in pretraining (50 Hz frames)")
     parser.add_argument("--target-layer", type=int, default=None,
                         help="iteration-1 layer whose clusters are iteration 2's targets (default: best valid PNMI)")
     parser.add_argument("--warm-start", action="store_true", help="start iteration 2 from iteration 1's weights")
@@ -74,6 +74,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if len(args.steps) > 2:
+        parser.error("--steps takes one or two numbers (iteration 1 [iteration 2])")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -94,7 +96,7 @@ def main():
 
     config = HubertConfig.from_preset(args.preset, num_clusters=args.k)
     model = None
-    for iteration, steps in ((1, args.steps[0]), (2, args.steps[1])):
+    for iteration, steps in enumerate(args.steps, start=1):
         t0 = time.time()
         if model is None or not args.warm_start:
             model = HuBERT(config)
@@ -114,7 +116,7 @@ def main():
             row["valid"] = score_units([kmeans_of[layer].assign(f) for f in val[layer]], valid_aligns)["pnmi"]
             rows.append(row)
             best = max(best, (row["valid"], layer))
-        if iteration == 1:
+        if iteration == 1 and len(args.steps) == 2:
             layer = best[1] if args.target_layer is None else args.target_layer
             targets = [kmeans_of[layer].assign(f) for f in extract_features(model, train, layer, batch_size=16)]
             print(f"iteration 2 targets: k-means of iteration-1 layer {layer}")

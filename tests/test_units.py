@@ -181,3 +181,18 @@ def test_train_unit_encoder_runs_both_iterations():
     assert result["kmeans"].n_clusters == 4 and result["encoder"] is not result["iteration1"]
     units = speech_to_units(wavs, result["encoder"], result["layer"], result["kmeans"])
     assert [len(u) for u in units] == [24, 27, 31]  # (T - 400) // 320 + 1
+
+
+def test_train_unit_encoder_one_iteration():
+    """The toy default: a single iteration on MFCC targets; its encoder gives the units."""
+    from speechgpt_min.units import train_unit_encoder
+
+    torch.manual_seed(0)
+    config = HubertConfig.from_preset("toy", conv_dim=(16,) * 7, hidden_size=16, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=32, num_conv_pos_embeddings=8,
+                                      num_conv_pos_embedding_groups=2, num_clusters=4, final_dim=8)
+    wavs = [torch.randn(n) for n in (8000, 9000, 10000)]
+    result = train_unit_encoder(wavs, config, n_units=4, steps=(3,), unit_layer=1, batch_size=2, max_frames=16,
+                                progress=False)
+    assert [len(l) for l in result["losses"]] == [3] and result["layer"] == 1
+    assert result["encoder"] is result["iteration1"] and result["kmeans"].n_clusters == 4
