@@ -49,7 +49,8 @@ DEFAULTS = {
         stage2=dict(steps=300, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=20),
         stage3=dict(steps=200, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=10),
         lora="speechgpt",
-        vocoder_preset="toy", vocoder_steps=300,
+        # 4 crops of 0.32 s per step, lr 4e-3 -> 1e-4 (cosine): the best of scripts/vocoder_schedules.py in this budget
+        vocoder_preset="toy", vocoder=dict(steps=400, batch_size=4, segment_frames=16, lr=4e-3, min_lr=1e-4),
         eval_tokens=dict(asr=64, tts=256, chain=384),  # generation limits: tiny_data's longest answers fit
         eval_spoken_questions=80,  # per split, evenly spread over the test questions (each is ~130 tokens to generate)
     ),
@@ -61,7 +62,7 @@ DEFAULTS = {
         stage2=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
         stage3=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
         lora="speechgpt",
-        vocoder_preset="toy", vocoder_steps=2,
+        vocoder_preset="toy", vocoder=dict(steps=2),
         eval_tokens=dict(asr=8, tts=8, chain=8),
         eval_spoken_questions=4,
     ),
@@ -261,7 +262,7 @@ def step_vocoder(args, settings, report):
     vocoder = UnitVocoder(config)
     print(f"vocoder: {sum(p.numel() for p in vocoder.parameters()) / 1e6:.2f}M parameters, "
           f"{len(train_items)} training utterances")
-    history = train_vocoder(vocoder, train_items, settings["vocoder_steps"], seed=args.seed)
+    history = train_vocoder(vocoder, train_items, seed=args.seed, **settings["vocoder"])
     vocoder.save_pretrained(args.out / "vocoder")
     report["vocoder.final_train_mel_l1"] = round(sum(h["mel"] for h in history[-20:]) / len(history[-20:]), 4)
 

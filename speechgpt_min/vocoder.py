@@ -430,17 +430,21 @@ def _segments(items, batch_size, segment_frames, hop, rng):
     return torch.stack(frames), torch.stack(audio)
 
 
-def train_vocoder(vocoder, dataset, steps, batch_size=4, segment_frames=16, lr=1e-3, seed=0, warmup_steps=None,
-                  stft_weight=1.0, progress=True, log=None):
+def train_vocoder(vocoder, dataset, steps, batch_size=4, segment_frames=16, lr=4e-3, min_lr=1e-4, seed=0,
+                  warmup_steps=None, mel_weight=45.0, stft_weight=1.0, progress=True, log=None):
     """Train the generator and duration predictor in place; return the per-step history (list of dicts).
 
-    The defaults suit a few CPU minutes on a few minutes of speech: a short run learns most from
-    45 * mel L1 + MR-STFT at lr 1e-3; HiFi-GAN's adversarial phase (lr 2e-4, batch 16, 0.56 s
-    segments, ~500k steps) pays off only in much longer runs, about 4x slower per step here.
+    The defaults suit a few CPU minutes on half an hour of speech (tiny_data): a short run is limited
+    by its number of steps, so it learns most from many small batches (4 crops of 0.32 s) of
+    45 * mel L1 + MR-STFT at a high lr (4e-3) decayed along a cosine to 1e-4 (scripts/vocoder_schedules.py
+    compares schedules). HiFi-GAN's adversarial phase (lr 2e-4, batch 16, 0.56 s segments, ~500k steps)
+    pays off only in much longer runs, about 4x slower per step here.
 
     dataset: items (wav (T,) float at 16 kHz, units (N,) long deduplicated, durations (N,) frames,
         durations.sum() * 320 ~ T). Each step crops `segment_frames` frames per item at random.
-    warmup_steps: steps trained on the reconstruction losses only (45 * mel L1 + stft_weight * MR-STFT
+    lr, min_lr: AdamW's learning rate at step 0, decayed along a cosine to min_lr at the last step;
+        min_lr=None keeps lr constant. Each record holds its step's lr.
+    warmup_steps: steps trained on the reconstruction losses only (mel_weight * mel L1 + stft_weight * MR-STFT
         + durations) before HiFi-GAN's adversarial and feature-matching losses join; None = all steps
         (no discriminator). Optimisers: AdamW, betas (0.8, 0.99), as HiFi-GAN.
     log: called with each step's record, e.g. print.
@@ -458,9 +462,12 @@ def train_vocoder(vocoder, dataset, steps, batch_size=4, segment_frames=16, lr=1
     vocoder.train()
     history, start = [], time.perf_counter()
     for step in tqdm(range(steps), desc="vocoder", disable=not progress):
+        if min_lr is not None:  # cosine decay: lr at step 0, min_lr at the end
+            for group in optim_g.param_groups + (optim_d.param_groups if optim_d else []):
+                group["lr"] = min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * step / steps))
         frames, real = _segments(items, batch_size, segment_frames, hop, rng)  # (B, S), (B, S * hop)
         fake = vocoder.decode(vocoder.dict(frames).transpose(1, 2))  # (B, S * hop)
-        record = {"step": step + 1}
+        record = {"step": step + 1, "lr": optim_g.param_groups[0]["lr"]}
         if step >= warmup_steps:  # discriminator update on detached fakes
             real_scores, _ = discriminator(real)
             fake_scores, _ = discriminator(fake.detach())
@@ -472,7 +479,7 @@ def train_vocoder(vocoder, dataset, steps, batch_size=4, segment_frames=16, lr=1
 
         chosen = [items[i] for i in rng.sample(range(len(items)), min(batch_size, len(items)))]
         losses = {"mel": mel_l1(fake, real), "dur": duration_loss(vocoder, [c[1] for c in chosen], [c[2] for c in chosen])}
-        loss = 45 * losses["mel"] + losses["dur"]
+        loss = mel_weight * losses["mel"] + losses["dur"]
         if stft_weight:
             losses["stft"] = stft_loss(fake, real)
             loss = loss + stft_weight * losses["stft"]

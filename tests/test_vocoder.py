@@ -182,3 +182,14 @@ def test_short_training_lowers_mel_loss():
     after = evaluate_vocoder(vocoder, data)
     assert after < before - 0.5, (before, after)
     assert history[-1]["dur"] < history[0]["dur"]
+
+
+def test_learning_rate_decays_along_a_cosine_or_stays_constant():
+    from speechgpt_min.vocoder import train_vocoder
+    data = tone_dataset(num_items=2)
+    decayed = train_vocoder(UnitVocoder(SMALL), data, steps=4, batch_size=1, segment_frames=4, lr=4e-3, min_lr=1e-4,
+                            progress=False)
+    assert [round(h["lr"], 6) for h in decayed] == [0.004, 0.003429, 0.00205, 0.000671]  # min_lr + (lr - min_lr) * (1 + cos(pi * step / 4)) / 2
+    constant = train_vocoder(UnitVocoder(SMALL), data, steps=2, batch_size=1, segment_frames=4, lr=1e-3, min_lr=None,
+                             progress=False)
+    assert [h["lr"] for h in constant] == [1e-3, 1e-3]
