@@ -167,7 +167,8 @@ def test_speech_to_units_batched_equals_one_by_one():
         assert torch.equal(torch.repeat_interleave(units, durations), full)
 
 
-def test_train_unit_encoder_runs_both_iterations():
+@pytest.mark.parametrize("steps", [(2, 2), (3,)])  # both of HuBERT's iterations; one (the toy default)
+def test_train_unit_encoder(steps):
     from speechgpt_min.units import train_unit_encoder
 
     torch.manual_seed(0)
@@ -175,24 +176,10 @@ def test_train_unit_encoder_runs_both_iterations():
                                       num_attention_heads=2, intermediate_size=32, num_conv_pos_embeddings=8,
                                       num_conv_pos_embedding_groups=2, num_clusters=4, final_dim=8)
     wavs = [torch.randn(n) for n in (8000, 9000, 10000)]
-    result = train_unit_encoder(wavs, config, n_units=4, steps=(2, 2), target_layer=1, unit_layer=2,
-                                batch_size=2, warm_start=True, progress=False)
-    assert [len(l) for l in result["losses"]] == [2, 2] and result["layer"] == 2
-    assert result["kmeans"].n_clusters == 4 and result["encoder"] is not result["iteration1"]
+    result = train_unit_encoder(wavs, config, n_units=4, steps=steps, target_layer=1, unit_layer=2,
+                                batch_size=2, max_frames=16, warm_start=True, progress=False)
+    assert [len(l) for l in result["losses"]] == list(steps) and result["layer"] == 2
+    assert result["kmeans"].n_clusters == 4
+    assert (result["encoder"] is result["iteration1"]) == (len(steps) == 1)  # the last iteration's encoder
     units = speech_to_units(wavs, result["encoder"], result["layer"], result["kmeans"])
     assert [len(u) for u in units] == [24, 27, 31]  # (T - 400) // 320 + 1
-
-
-def test_train_unit_encoder_one_iteration():
-    """The toy default: a single iteration on MFCC targets; its encoder gives the units."""
-    from speechgpt_min.units import train_unit_encoder
-
-    torch.manual_seed(0)
-    config = HubertConfig.from_preset("toy", conv_dim=(16,) * 7, hidden_size=16, num_hidden_layers=2,
-                                      num_attention_heads=2, intermediate_size=32, num_conv_pos_embeddings=8,
-                                      num_conv_pos_embedding_groups=2, num_clusters=4, final_dim=8)
-    wavs = [torch.randn(n) for n in (8000, 9000, 10000)]
-    result = train_unit_encoder(wavs, config, n_units=4, steps=(3,), unit_layer=1, batch_size=2, max_frames=16,
-                                progress=False)
-    assert [len(l) for l in result["losses"]] == [3] and result["layer"] == 1
-    assert result["encoder"] is result["iteration1"] and result["kmeans"].n_clusters == 4
