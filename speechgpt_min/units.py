@@ -239,9 +239,10 @@ def train_unit_encoder(wavs, config, n_units=100, steps=(700,), target_layer=0, 
     2. (if `steps` has a second entry) k-means on encoder 1's `target_layer` -> targets; pretrain
        encoder 2 (fresh as in the paper, or continuing from encoder 1 with `warm_start`).
     3. k-means on the last encoder's `unit_layer`: the units.
-    The defaults are the toy budget's best measured setting on tiny_data: one iteration of 700 steps
-    on short crops (64 frames, 1.3 s) beats two iterations of 100 steps on 150-frame crops, which
-    cost about as much (scripts/measure_units.py; README, "Speech to units").
+    The defaults are the best setting measured on tiny_data within a few CPU minutes: one iteration
+    of 700 steps on short crops (64 frames, 1.3 s) gives units with more phone information than two
+    iterations of 100 steps on 150-frame crops, at more cost (scripts/measure_units.py; README,
+    "Speech to units", has both times).
     wavs: list of (T_i,) 16 kHz tensors; config: a HubertConfig with num_clusters = n_units.
     bf16: pretrain under bf16 autocast (see `pretrain`).
     Returns dict: encoder (the last iteration's), layer, kmeans, and iteration1, mfcc_kmeans, losses for study.
