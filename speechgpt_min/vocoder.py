@@ -123,6 +123,13 @@ PRESETS = {
 # ----------------------------------------------------------------------------- generator
 
 
+def time_major(x):
+    """Same (B, C, T) values, stored time-major (strides (C * T, 1, C)). oneDNN's direct convolution
+    kernels take this layout and run the generator's few-channel, long convs 2-5x faster than the
+    default channel-major one (im2col + GEMM); conv outputs and elementwise ops keep it."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _init_conv(conv):
     """HiFi-GAN's init (normal, std 0.01) under weight norm."""
     nn.init.normal_(conv.weight, 0.0, 0.01)
@@ -183,7 +190,7 @@ class UnitVocoder(nn.Module):
 
     def decode(self, x):
         """Frame embeddings (B, embedding_dim, T) -> waveform (B, T * 320)."""
-        x = self.conv_pre(x)  # (B, C0, T)
+        x = self.conv_pre(time_major(x))  # (B, C0, T)
         n = len(self.config.resblock_kernel_sizes)
         for i, up in enumerate(self.ups):
             x = up(F.leaky_relu(x, LRELU_SLOPE))  # (B, C0 / 2^(i+1), T * prod(rates[:i+1]))
@@ -229,10 +236,12 @@ class UnitVocoder(nn.Module):
     # ------------------------------------------------------------------------- weights
 
     def remove_weight_norm(self):
-        """Fold weight norm into plain weights (w = g * v / ||v||) for faster inference."""
+        """Fold weight norm into plain weights (w = g * v / ||v||) for faster inference, stored
+        time-major like the activations (`time_major`)."""
         for module in self.modules():
             if parametrize.is_parametrized(module, "weight"):  # conv_pre, ups, resblocks, conv_post
                 parametrize.remove_parametrizations(module, "weight")
+                module.weight.data = time_major(module.weight.data)
         return self
 
     def released_state_dict(self):
