@@ -15,6 +15,7 @@ interrupted search resumes); a markdown table is printed at the end.
 Run one search at a time, with --threads at most the free cores: oversubscribed torch is 5-20x slower.
 """
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import sys
@@ -26,19 +27,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from speechgpt_min.data import in_split  # noqa: E402
-from speechgpt_min.evaluate import whisper_transcribe, word_error_rate  # noqa: E402
+from speechgpt_min.evaluate import whisper_available, whisper_transcribe, word_error_rate  # noqa: E402
 from speechgpt_min.vocoder import UnitVocoder, VocoderConfig, evaluate_vocoder, train_vocoder  # noqa: E402
 from train import DEFAULTS, read_manifest, read_units, vocoder_items  # noqa: E402
 
 # name -> train_vocoder keyword arguments. "BxS" = batch_size x segment_frames (20 ms frames).
+# "generator": overrides of the toy VocoderConfig. The toy generator's multi-receptive-field blocks have
+# two kernels, (3, 7) ("k37" schedules); the others ran on its first version, with HiFi-GAN's three.
+MRF_3_7_11 = dict(resblock_kernel_sizes=(3, 7, 11), resblock_dilation_sizes=((1, 3, 5),) * 3)
 SCHEDULES = {
-    "old-default": dict(steps=300, batch_size=4, segment_frames=16, lr=1e-3, min_lr=None),
-    "4x16-2e-3-cos": dict(steps=400, batch_size=4, segment_frames=16, lr=2e-3, min_lr=1e-4),
-    "4x16-4e-3-cos": dict(steps=400, batch_size=4, segment_frames=16, lr=4e-3, min_lr=1e-4),
-    "8x32-2e-3-cos": dict(steps=130, batch_size=8, segment_frames=32, lr=2e-3, min_lr=1e-4),
-    "4x16-4e-3-cos-stft0": dict(steps=400, batch_size=4, segment_frames=16, lr=4e-3, min_lr=1e-4, stft_weight=0.0),
-    "4x16-4e-3-cos-600": dict(steps=600, batch_size=4, segment_frames=16, lr=4e-3, min_lr=1e-4),
-    "2x16-4e-3-cos": dict(steps=600, batch_size=2, segment_frames=16, lr=4e-3, min_lr=1e-4),
+    "old-default": dict(generator=MRF_3_7_11, steps=300, batch_size=4, segment_frames=16, lr=1e-3, min_lr=None),
+    "4x16-2e-3-cos": dict(generator=MRF_3_7_11, steps=400, batch_size=4, segment_frames=16, lr=2e-3, min_lr=1e-4),
+    "4x16-4e-3-cos": dict(generator=MRF_3_7_11, steps=400, batch_size=4, segment_frames=16, lr=4e-3, min_lr=1e-4),
+    "8x32-2e-3-cos": dict(generator=MRF_3_7_11, steps=130, batch_size=8, segment_frames=32, lr=2e-3, min_lr=1e-4),
+    "4x16-4e-3-cos-stft0": dict(generator=MRF_3_7_11, steps=400, batch_size=4, segment_frames=16, lr=4e-3,
+                                min_lr=1e-4, stft_weight=0.0),
+    "4x16-4e-3-cos-600": dict(generator=MRF_3_7_11, steps=600, batch_size=4, segment_frames=16, lr=4e-3, min_lr=1e-4),
+    "2x16-4e-3-cos": dict(generator=MRF_3_7_11, steps=600, batch_size=2, segment_frames=16, lr=4e-3, min_lr=1e-4),
+    "c64-4x16-4e-3-cos": dict(generator=dict(MRF_3_7_11, upsample_initial_channel=64), steps=400, batch_size=4,
+                              segment_frames=16, lr=4e-3, min_lr=1e-4),
+    "k37-4x16-4e-3-cos": dict(steps=400, batch_size=4, segment_frames=16, lr=4e-3, min_lr=1e-4),
+    "k37-4x16-4e-3-cos-600": dict(steps=600, batch_size=4, segment_frames=16, lr=4e-3, min_lr=1e-4),
+    "k37-4x16-4e-3-cos-3000": dict(steps=3000, batch_size=4, segment_frames=16, lr=4e-3, min_lr=1e-4),
 }
 
 
@@ -55,9 +65,10 @@ def load_items(run, data, split):
     return vocoder_items(paths, rows, read_units(run)), [r["text"] for r in rows]
 
 
-def new_vocoder():
-    config = VocoderConfig.from_preset("toy")
-    config.num_embeddings = DEFAULTS["toy"]["n_units"]
+def new_vocoder(generator=None):
+    """A toy vocoder for the run's units, with the schedule's generator overrides (a dict or None)."""
+    config = dataclasses.replace(VocoderConfig.from_preset("toy"), num_embeddings=DEFAULTS["toy"]["n_units"],
+                                 **(generator or {}))
     return UnitVocoder(config)
 
 
@@ -66,9 +77,10 @@ def train_schedule(kwargs, run, data, threads, seed):
     torch.set_num_threads(threads)
     train_items, _ = load_items(run, data, "train")
     torch.manual_seed(seed)
-    vocoder = new_vocoder()
+    train_kwargs = {k: v for k, v in kwargs.items() if k != "generator"}
+    vocoder = new_vocoder(kwargs.get("generator"))
     start, cpu_start = time.perf_counter(), time.process_time()
-    history = train_vocoder(vocoder, train_items, seed=seed, progress=False, **kwargs)
+    history = train_vocoder(vocoder, train_items, seed=seed, progress=False, **train_kwargs)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return vocoder.state_dict(), seconds, cpu_seconds, sum(h["mel"] for h in history[-20:]) / len(history[-20:])
 
@@ -79,7 +91,7 @@ def run_schedule(name, kwargs, args, test_items, texts):
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         state, seconds, cpu_seconds, train_mel = pool.submit(
             train_schedule, kwargs, args.run, args.data, args.threads, args.seed).result()
-    vocoder = new_vocoder()
+    vocoder = new_vocoder(kwargs.get("generator"))
     vocoder.load_state_dict(state)
     vocoder.eval()
     result = {"schedule": name, **kwargs, "train_seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
@@ -115,6 +127,10 @@ def main():
                         help="JSON lines, one per schedule; existing ones are skipped (default: RUN/vocoder_schedules.jsonl)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     args = parser.parse_args()
+    if not whisper_available():
+        parser.error("Whisper is not installed; the schedules are scored by its WER: pip install -e '.[eval]'")
+    if not (args.run / "units.jsonl").is_file():
+        parser.error(f"--run {args.run}: no units.jsonl there (make it with train.py --stage units --out {args.run})")
     torch.set_num_threads(args.threads)
     results_path = args.results or args.run / "vocoder_schedules.jsonl"
 
