@@ -50,7 +50,7 @@ DEFAULTS = {
         stage3=dict(steps=200, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=10),
         lora="speechgpt",
         # 4 crops of 0.32 s per step, lr 4e-3 -> 1e-4 (cosine): the best of scripts/vocoder_schedules.py in this budget
-        vocoder_preset="toy", vocoder=dict(steps=400, batch_size=4, segment_frames=16, lr=4e-3, min_lr=1e-4),
+        vocoder_preset="toy", vocoder=dict(steps=600, batch_size=4, segment_frames=16, lr=4e-3, min_lr=1e-4),
         eval_tokens=dict(asr=64, tts=256, chain=384),  # generation limits: tiny_data's longest answers fit
         eval_spoken_questions=80,  # per split, evenly spread over the test questions (each is ~130 tokens to generate)
     ),
