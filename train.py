@@ -4,9 +4,9 @@
     python train.py --stage units         # one step, from the previous step's output
 
 Steps, in order (each writes into the run directory and adds its numbers to report.json):
-  units   HuBERT pretraining (iteration 1 on MFCC k-means targets, iteration 2 on iteration-1
-          k-means targets), k-means on the chosen layer, units for every utterance (units.jsonl),
-          and unit quality (PNMI) of MFCC and HuBERT units on held-out speech.
+  units   HuBERT pretraining on MFCC k-means targets (the toy preset runs one iteration; a second
+          would learn k-means targets of the first), k-means on the chosen layer, units for every
+          utterance (units.jsonl), and unit quality (PNMI) of MFCC and HuBERT units on held-out speech.
   stage1  modality adaptation: the LM learns unit sequences of the training speech.
   stage2  cross-modal instruction: ASR and TTS as instructions, every weight trained.
   stage3  chain of modality: spoken question -> transcript -> text answer -> spoken answer (LoRA).
@@ -52,7 +52,7 @@ DEFAULTS = {
         # 4 crops of 0.32 s per step, lr 4e-3 -> 1e-4 (cosine): the best of scripts/vocoder_schedules.py in this budget
         vocoder_preset="toy", vocoder=dict(steps=600, batch_size=4, segment_frames=16, lr=4e-3, min_lr=1e-4),
         eval_tokens=dict(asr=64, tts=256, chain=384),  # generation limits: tiny_data's longest answers fit
-        eval_spoken_questions=80,  # per split, evenly spread over the test questions (each is ~130 tokens to generate)
+        eval_spoken_questions=40,  # per split, evenly spread over the test questions (each is ~130 tokens to generate)
     ),
     # A few steps of everything: checks that the pipeline runs end to end (the tests use it).
     "smoke": dict(
@@ -90,7 +90,7 @@ def load_wavs(data_dir, rows):
 # ----------------------------------------------------------------------------- steps
 
 def step_units(args, settings, report):
-    """HuBERT's two iterations and k-means, then units for the whole corpus and their quality."""
+    """HuBERT's pretraining iterations and k-means, then units for the whole corpus and their quality."""
     rows = read_manifest(args.data)
     train_rows = [r for r in rows if r["split"] == "train"]
     if not train_rows:
