@@ -35,20 +35,19 @@ from train import DEFAULTS, read_manifest, read_units, vocoder_items  # noqa: E4
 # "generator": overrides of the toy VocoderConfig. The toy generator's multi-receptive-field blocks have
 # two kernels, (3, 7) ("k37" schedules); the others ran on its first version, with HiFi-GAN's three.
 MRF_3_7_11 = dict(resblock_kernel_sizes=(3, 7, 11), resblock_dilation_sizes=((1, 3, 5),) * 3)
+COSINE = dict(steps=400, batch_size=4, segment_frames=16, lr=4e-3, min_lr=1e-4)  # what the schedules vary
 SCHEDULES = {
-    "old-default": dict(generator=MRF_3_7_11, steps=300, batch_size=4, segment_frames=16, lr=1e-3, min_lr=None),
-    "4x16-2e-3-cos": dict(generator=MRF_3_7_11, steps=400, batch_size=4, segment_frames=16, lr=2e-3, min_lr=1e-4),
-    "4x16-4e-3-cos": dict(generator=MRF_3_7_11, steps=400, batch_size=4, segment_frames=16, lr=4e-3, min_lr=1e-4),
-    "8x32-2e-3-cos": dict(generator=MRF_3_7_11, steps=130, batch_size=8, segment_frames=32, lr=2e-3, min_lr=1e-4),
-    "4x16-4e-3-cos-stft0": dict(generator=MRF_3_7_11, steps=400, batch_size=4, segment_frames=16, lr=4e-3,
-                                min_lr=1e-4, stft_weight=0.0),
-    "4x16-4e-3-cos-600": dict(generator=MRF_3_7_11, steps=600, batch_size=4, segment_frames=16, lr=4e-3, min_lr=1e-4),
-    "2x16-4e-3-cos": dict(generator=MRF_3_7_11, steps=600, batch_size=2, segment_frames=16, lr=4e-3, min_lr=1e-4),
-    "c64-4x16-4e-3-cos": dict(generator=dict(MRF_3_7_11, upsample_initial_channel=64), steps=400, batch_size=4,
-                              segment_frames=16, lr=4e-3, min_lr=1e-4),
-    "k37-4x16-4e-3-cos": dict(steps=400, batch_size=4, segment_frames=16, lr=4e-3, min_lr=1e-4),
-    "k37-4x16-4e-3-cos-600": dict(steps=600, batch_size=4, segment_frames=16, lr=4e-3, min_lr=1e-4),
-    "k37-4x16-4e-3-cos-3000": dict(steps=3000, batch_size=4, segment_frames=16, lr=4e-3, min_lr=1e-4),
+    "old-default": dict(COSINE, generator=MRF_3_7_11, steps=300, lr=1e-3, min_lr=None),
+    "4x16-2e-3-cos": dict(COSINE, generator=MRF_3_7_11, lr=2e-3),
+    "4x16-4e-3-cos": dict(COSINE, generator=MRF_3_7_11),
+    "8x32-2e-3-cos": dict(COSINE, generator=MRF_3_7_11, steps=130, batch_size=8, segment_frames=32, lr=2e-3),
+    "4x16-4e-3-cos-stft0": dict(COSINE, generator=MRF_3_7_11, stft_weight=0.0),
+    "4x16-4e-3-cos-600": dict(COSINE, generator=MRF_3_7_11, steps=600),
+    "2x16-4e-3-cos": dict(COSINE, generator=MRF_3_7_11, steps=600, batch_size=2),
+    "c64-4x16-4e-3-cos": dict(COSINE, generator=dict(MRF_3_7_11, upsample_initial_channel=64)),
+    "k37-4x16-4e-3-cos": dict(COSINE),
+    "k37-4x16-4e-3-cos-600": dict(COSINE, steps=600),
+    "k37-4x16-4e-3-cos-3000": dict(COSINE, steps=3000),
 }
 
 

@@ -113,7 +113,7 @@ class VocoderConfig:
 
 
 PRESETS = {
-    # ~0.6M generator parameters: trains in minutes on 2 CPU cores. Two multi-receptive-field kernels
+    # ~0.5M generator parameters: trains in minutes on 2 CPU cores. Two multi-receptive-field kernels
     # (3, 7) instead of HiFi-GAN's three: 600 steps cost what 400 did and reach a lower mel loss
     # (scripts/vocoder_schedules.py).
     "toy": dict(resblock_kernel_sizes=(3, 7), resblock_dilation_sizes=((1, 3, 5), (1, 3, 5))),
