@@ -35,7 +35,8 @@ from speechgpt_min.tokenizer import Tokenizer
 from speechgpt_min.trainer import TrainConfig, fast_bfloat16, train
 from speechgpt_min.units import dedup, score_units, speech_to_units, train_unit_encoder
 from speechgpt_min.weights import expand_vocab, load_pretrained, save_pretrained
-from speechgpt_min.vocoder import UnitVocoder, VocoderConfig, evaluate_vocoder, train_vocoder
+from speechgpt_min.vocoder import UnitVocoder, VocoderConfig
+from speechgpt_min.vocoder_training import evaluate_vocoder, train_vocoder
 from speechgpt_min.pipeline import PipelineError, SpeechGPT
 from speechgpt_min.evaluate import (evaluate_asr, evaluate_chain, evaluate_tts, exact_match_accuracy, unit_edit_distance,
                                     whisper_available, whisper_transcribe, word_error_rate)

@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from speechgpt_min.data import in_split  # noqa: E402
 from speechgpt_min.evaluate import whisper_available, whisper_transcribe, word_error_rate  # noqa: E402
-from speechgpt_min.vocoder import UnitVocoder, VocoderConfig, evaluate_vocoder, train_vocoder  # noqa: E402
+from speechgpt_min.vocoder import UnitVocoder, VocoderConfig  # noqa: E402
+from speechgpt_min.vocoder_training import evaluate_vocoder, train_vocoder  # noqa: E402
 from train import DEFAULTS, read_manifest, read_units, vocoder_items  # noqa: E402
 
 # name -> train_vocoder keyword arguments. "BxS" = batch_size x segment_frames (20 ms frames).

@@ -168,7 +168,7 @@ def tone_dataset(num_items=4, num_units=8, seed=0):
 
 
 def test_short_training_lowers_mel_loss():
-    from speechgpt_min.vocoder import evaluate_vocoder, train_vocoder
+    from speechgpt_min.vocoder_training import evaluate_vocoder, train_vocoder
     torch.manual_seed(0)
     vocoder = UnitVocoder(SMALL)
     data = tone_dataset()
@@ -185,7 +185,7 @@ def test_short_training_lowers_mel_loss():
 
 
 def test_learning_rate_decays_along_a_cosine_or_stays_constant():
-    from speechgpt_min.vocoder import train_vocoder
+    from speechgpt_min.vocoder_training import train_vocoder
     data = tone_dataset(num_items=2)
     decayed = train_vocoder(UnitVocoder(SMALL), data, steps=4, batch_size=1, segment_frames=4, lr=4e-3, min_lr=1e-4,
                             progress=False)
