@@ -71,11 +71,18 @@ def main():
     parser.add_argument("--warm-start", action="store_true", help="start iteration 2 from iteration 1's weights")
     parser.add_argument("--kmeans-utterances", type=int, default=300,
                         help="fit k-means on the frames of this many train utterances (a random subset)")
+    parser.add_argument("--config", type=json.loads, default={}, metavar="JSON",
+                        help='HubertConfig fields to change, e.g. \'{"conv_dim": [128, 128, 128, 128, 128, 128, 128]}\'')
+    parser.add_argument("--bf16", action="store_true", help="pretrain under bf16 autocast (fast on CPUs with AMX)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if len(args.steps) > 2:
         parser.error("--steps takes one or two numbers (iteration 1 [iteration 2])")
+    try:
+        config = HubertConfig.from_preset(args.preset, **{**args.config, "num_clusters": args.k})
+    except (TypeError, ValueError) as error:
+        parser.error(f"--preset/--config: {error}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -94,7 +101,6 @@ def main():
     rows.append(dict(row, valid=score_units([mfcc_kmeans.assign(f) for f in mfcc[1]], valid_aligns)["pnmi"]))
     targets = [mfcc_kmeans.assign(f) for f in mfcc[0]]
 
-    config = HubertConfig.from_preset(args.preset, num_clusters=args.k)
     model = None
     for iteration, steps in enumerate(args.steps, start=1):
         t0 = time.time()
@@ -103,7 +109,7 @@ def main():
         if iteration == 1:
             print(f"HuBERT {args.preset}: {model.num_parameters() / 1e6:.2f} M parameters")
         losses = pretrain(model, train, targets, steps, args.lr, args.batch_size, args.seed + iteration,
-                          max_frames=args.max_frames)
+                          max_frames=args.max_frames, bf16=args.bf16)
         timing[f"pretrain {iteration}"] = time.time() - t0
         print(f"iteration {iteration}: loss {sum(losses[:10]) / 10:.3f} -> {sum(losses[-10:]) / 10:.3f} "
               f"in {timing[f'pretrain {iteration}']:.0f} s")
