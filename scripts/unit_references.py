@@ -12,7 +12,7 @@ references on the same scale, to say what "MFCC + 0.10" asks for on this voice:
    Their units are k-means of the last hidden layer, fit on training frames as for every other row;
    their argmax phones are scored too. Each is trained once per seed.
 
-    python scripts/unit_references.py --data tiny_data --threads 2
+    python scripts/unit_references.py --data tiny_data --threads 1
 """
 import argparse
 import random
