@@ -94,14 +94,14 @@ def main():
         torch.set_num_threads(args.threads)
 
     t_start = time.time()
-    train, _ = load_split(args.data, {"train"})
-    aligned, aligned_paths = load_split(args.data, {"train"}, aligned_only=True)
+    train, train_paths = load_split(args.data, {"train"})
     test, test_paths = load_split(args.data, {"test_unseen_voice"}, aligned_only=True)
     train_mfcc = [mfcc_features(w) for w in train]
-    aligned_mfcc = [mfcc_features(w) for w in aligned]
+    aligned_mfcc = [f for f, path in zip(train_mfcc, train_paths) if path]  # the voices with phone alignments
+    aligned_paths = [path for path in train_paths if path]
     test_mfcc = [mfcc_features(w) for w in test]
     subset = sorted(random.Random(0).sample(range(len(train)), min(args.kmeans_utterances, len(train))))
-    print(f"train {len(train)} utterances ({len(aligned)} with phone alignments), held-out voice {len(test)}")
+    print(f"train {len(train)} utterances ({len(aligned_mfcc)} with phone alignments), held-out voice {len(test)}")
 
     rows = [score("MFCC, k-means fit on the training voices (the baseline)", [train_mfcc[i] for i in subset],
                   test_mfcc, test_paths, args.k, 0)[0],
