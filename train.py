@@ -28,7 +28,8 @@ from speechgpt_min.audio import AudioError, load_audio
 from speechgpt_min.data import (DataError, encode_dialogues, in_split, load_manifest, load_pairs, pack_stage1,
                                 stage1_texts, stage2_dialogues, stage3_dialogues, SYSTEM_PROMPT,
                                 ASR_INSTRUCTIONS, TTS_INSTRUCTIONS)
-from speechgpt_min.hubert import HubertConfig, mfcc_features
+from speechgpt_min.hubert import HubertConfig
+from speechgpt_min.hubert_training import mfcc_features
 from speechgpt_min.lora import LoRAConfig, inject, save_adapter
 from speechgpt_min.model import LMConfig, Transformer
 from speechgpt_min.tokenizer import Tokenizer

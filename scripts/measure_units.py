@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from speechgpt_min.audio import load_audio
-from speechgpt_min.hubert import (HuBERT, HubertConfig, extract_features, frame_lengths, mfcc_features, pad_batch,
-                                  pretrain)
+from speechgpt_min.hubert import HuBERT, HubertConfig, extract_features, frame_lengths, pad_batch
+from speechgpt_min.hubert_training import mfcc_features, pretrain
 from speechgpt_min.units import fit_kmeans, score_units
 
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from measure_units import load_split, score
-from speechgpt_min.hubert import mfcc_features
+from speechgpt_min.hubert_training import mfcc_features
 from speechgpt_min.units import frame_phones, read_segs, score_units
 
 

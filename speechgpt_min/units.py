@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .hubert import HuBERT, extract_features, mfcc_features, pretrain
+from .hubert import HuBERT, extract_features
+from .hubert_training import mfcc_features, pretrain
 
 FORMAT = "speechgpt_min.kmeans"
 SOSP, EOSP = "<sosp>", "<eosp>"

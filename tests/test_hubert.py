@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from speechgpt_min.audio import mfcc
-from speechgpt_min.hubert import (HuBERT, HubertConfig, extract_features, frame_lengths, mfcc_features,
-                                  pretrain, span_mask)
+from speechgpt_min.hubert import HuBERT, HubertConfig, extract_features, frame_lengths
+from speechgpt_min.hubert_training import mfcc_features, pretrain, span_mask
 
 transformers = pytest.importorskip("transformers")
 

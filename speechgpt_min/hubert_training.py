@@ -1,0 +1,104 @@
+"""How HuBERT learns: masked prediction of k-means "teacher" clusters (Hsu et al., 2021).
+
+    teacher:  mfcc_features (iteration 1) or an encoder layer (iteration 2) --k-means--> a cluster id per frame
+    student:  span_mask hides frames behind the mask embedding; the encoder's last layer, projected,
+              scores every cluster by cosine similarity; cross-entropy on the hidden frames
+              (+ `unmasked_weight` x the visible ones) is `masked_prediction_loss`
+    loop:     `pretrain` crops utterances, masks, and steps AdamW
+
+The encoder itself, its pretraining head's parameters and `forward(..., mask=...)` are in hubert.py.
+"""
+import random
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .audio import deltas, mfcc
+from .hubert import frame_lengths, pad_batch, receptive_field
+
+
+def mfcc_features(wav):
+    """Iteration-1 targets' features: 13 MFCCs + deltas + delta-deltas at 50 Hz, frame-aligned with
+    the conv extractor (window 400, hop 320, no centring: floor((T - 400) / 320) + 1 frames).
+    wav (T,) -> (T', 39)."""
+    cep = mfcc(wav, hop_length=320, n_fft=400, center=False)  # (13, T')
+    d1 = deltas(cep)
+    return torch.cat([cep, d1, deltas(d1)], dim=0).T  # (T', 39)
+
+
+def span_mask(n_frames, max_frames, start_prob, span, generator=None):
+    """HuBERT/wav2vec 2.0 masking: round(start_prob * n) span starts per utterance, drawn without
+    replacement from the real frames, each masking `span` frames (overlaps merge).
+    n_frames (B,) -> (B, max_frames) bool."""
+    mask = torch.zeros(len(n_frames), max_frames, dtype=torch.bool)
+    for b, n in enumerate(n_frames.tolist()):
+        n_starts = int(start_prob * n + torch.rand((), generator=generator))  # probabilistic rounding
+        n_starts = min(max(n_starts, 1), max(n - span + 1, 1))
+        starts = torch.randperm(max(n - span + 1, 1), generator=generator)[:n_starts]
+        idx = (starts[:, None] + torch.arange(span)).clamp(max=n - 1)
+        mask[b, idx.flatten()] = True
+    return mask
+
+
+def masked_prediction_loss(model, wav, sample_lengths, targets, generator=None):
+    """HuBERT's loss: cross-entropy of cosine-similarity logits (/ temperature) between projected
+    frames and per-cluster embeddings, on masked frames (+ `unmasked_weight` x unmasked ones).
+    wav (B, T), sample_lengths (B,), targets (B, T') long, -100 at padding -> (loss, accuracy)."""
+    if model.config.num_clusters == 0:
+        raise ValueError("this HuBERT has no pretraining head: build it with num_clusters > 0")
+    n_frames = frame_lengths(model.config, sample_lengths)
+    mask = span_mask(n_frames, targets.shape[1], model.config.mask_start_prob, model.config.mask_length, generator)
+    hidden, _ = model(wav, sample_lengths, mask=mask.to(wav.device))
+    proj = F.normalize(model.final_proj(hidden[-1]), dim=-1)  # (B, T', final_dim)
+    logits = proj @ F.normalize(model.label_embeddings, dim=-1).T / model.config.logit_temperature  # (B, T', K)
+    real = targets >= 0
+    losses = F.cross_entropy(logits[real], targets[real], reduction="none")  # (N,)
+    masked = mask.to(wav.device)[real]
+    loss = losses[masked].mean()
+    if model.config.unmasked_weight > 0 and (~masked).any():
+        loss = loss + model.config.unmasked_weight * losses[~masked].mean()
+    accuracy = (logits[real].argmax(-1) == targets[real])[masked].float().mean()
+    return loss, accuracy
+
+
+def pretrain(model, wavs, targets, steps, lr=1e-3, batch_size=8, seed=0, max_frames=200, warmup=0.08,
+             bf16=False, progress=True):
+    """Masked-prediction pretraining with AdamW, linear warm-up then linear decay, clip norm 10.
+    wavs: list of (T_i,) 16 kHz tensors; targets: list of (T_i',) long cluster ids, one per frame.
+    Each step draws `batch_size` utterances and a random crop of at most `max_frames` frames.
+    bf16: forward under bf16 autocast (faster on CPUs with bf16 matrix instructions).
+    Returns the loss of every step."""
+    for i, (wav, target) in enumerate(zip(wavs, targets)):
+        n = int(frame_lengths(model.config, torch.tensor(len(wav))))
+        if n != len(target):
+            raise ValueError(f"utterance {i}: {len(target)} targets for {n} frames")
+    rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    n_warm = max(1, int(warmup * steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / n_warm, max(0.0, (steps - s) / max(1, steps - n_warm))))
+    hop, window = model.config.downsampling, receptive_field(model.config)
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc="HuBERT pretraining", disable=not progress)
+    for _ in bar:
+        crops, crop_targets = [], []
+        for i in rng.sample(range(len(wavs)), min(batch_size, len(wavs))):
+            start = rng.randint(0, max(0, len(targets[i]) - max_frames))
+            n = min(max_frames, len(targets[i]) - start)
+            crops.append(wavs[i][start * hop: (start + n - 1) * hop + window])  # exactly n frames
+            crop_targets.append(targets[i][start: start + n])
+        wav, lengths = pad_batch(crops)
+        target = torch.nn.utils.rnn.pad_sequence(crop_targets, batch_first=True, padding_value=-100)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, accuracy = masked_prediction_loss(model, wav, lengths, target, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy.item():.2f}")
+    model.eval()
+    return losses
