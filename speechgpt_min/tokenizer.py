@@ -57,14 +57,19 @@ class TokenizerError(ValueError):
 class WordBackend:
     """Built-in word vocabulary with a character fallback, for toy models trained from scratch.
 
-    Text is cut into pieces: a word with its leading space (" hello"), a punctuation mark with its
-    leading space (" ,"), or a single whitespace character. A piece in the vocabulary is one token;
-    any other piece is spelled character by character, and a character never seen is <unk>.
-    Since the pieces concatenate back to the text, decoding is exact whenever no <unk> occurs.
+    Text is cut into pieces: a chain-of-modality marker (`[ta]`, `[ua]`, `<eoa>`) or a word, each
+    with its leading space if it has one (" hello", "hello"), a punctuation mark with its leading
+    space (" ,"), or a single whitespace character. A piece in the vocabulary is one token; any
+    other piece is spelled character by character, and a character never seen is <unk>. Every
+    word enters the vocabulary in both forms, so a word is whole wherever it starts (the first word
+    of a text has no space before it), and the markers are always whole: a small model then learns
+    words and markers, not spellings. The pieces concatenate back to the text, so decoding is exact
+    whenever no <unk> occurs.
     """
 
     CONTROL = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3 as in LLaMA (plus a pad)
-    PIECE_RE = re.compile(r" ?\w+| ?[^\w\s]|\s")
+    MARKERS = ("[ta]", "[ua]", "<eoa>")  # text in the released model; whole tokens in a toy vocabulary
+    PIECE_RE = re.compile(r" ?(?:\[ta\]|\[ua\]|<eoa>)| ?\w+| ?[^\w\s]|\s")
     # Always in the vocabulary, so any lowercase/uppercase ASCII text round trips.
     BASE_CHARS = string.ascii_letters + string.digits + string.punctuation + " \n"
 
@@ -80,15 +85,18 @@ class WordBackend:
 
     @classmethod
     def train(cls, texts, max_words, min_count):
-        """Characters of `texts` plus their `max_words` most frequent pieces seen >= min_count times."""
+        """Characters of `texts`, the markers, and their `max_words` most frequent words and
+        punctuation marks (seen >= min_count times, with or without a space before them), each with
+        and without that space (a single character is already in the vocabulary without it)."""
         chars = set(cls.BASE_CHARS)
         counts = Counter()
         for text in texts:
             chars.update(text)
-            counts.update(m.group() for m in cls.PIECE_RE.finditer(text))
+            counts.update(m.group().lstrip(" ") for m in cls.PIECE_RE.finditer(text))
         words = [w for w, c in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))
-                 if c >= min_count and len(w) > 1][:max_words]
-        return cls(list(cls.CONTROL) + sorted(chars) + words)
+                 if c >= min_count and w.strip() and w not in cls.MARKERS][:max_words]
+        pieces = [p for w in (*cls.MARKERS, *words) for p in (w, " " + w) if p not in chars]
+        return cls(list(cls.CONTROL) + sorted(chars) + pieces)
 
     def encode(self, text):
         ids = []

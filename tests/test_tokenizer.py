@@ -130,6 +130,18 @@ def test_word_tokenizer_words_and_unknowns():
     assert tok.decode(tok.encode("zebra")) == "zebra"  # unseen word: spelled by characters
 
 
+def test_word_tokenizer_keeps_words_and_markers_whole():
+    """A word is one token wherever it starts, the first of a text included, and the chain-of-modality
+    markers are one token each: what a small model must learn is words, not spellings."""
+    tok = Tokenizer.train(["the cow says moo", "what does the cow say"] * 2, n_units=K)
+    response = "what does the cow say; [ta] the cow says moo; [ua] <sosp><1><2><eosp><eoa>."
+    pieces = [tok.decode([i]) for i in tok.encode(response)]
+    assert pieces == ["what", " does", " the", " cow", " say", ";", " [ta]", " the", " cow", " says", " moo", ";",
+                      " [ua]", " ", "<sosp>", "<1>", "<2>", "<eosp>", "<eoa>", "."]
+    assert [tok.decode([i]) for i in tok.encode("moo cow")] == ["moo", " cow"]  # first words: whole too
+    assert all(i < tok.backend.vocab_size for i in tok.encode("[ta][ua]<eoa>"))  # text tokens, not added ones
+
+
 # ----------------------------------------------------------------------------- layout
 
 class FakeLlamaBackend:
