@@ -1,6 +1,6 @@
 """tiny_data/ integrity: every file is there and as long as the manifest says, the splits are
-disjoint, and what the test splits hold out (phrasings of facts, command slot combinations, one
-whole voice) really is absent from training."""
+disjoint, and what the test splits hold out (sentences, phrasings of facts, command slot
+combinations, facts only the text corpus states, one whole voice) really is absent from training."""
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
+from speechgpt_min.data import SPLITS
+
 TINY = Path(__file__).resolve().parents[1] / "tiny_data"
 HELD_OUT_VOICE = "fest_ked"
-SPLITS = {"train", "valid", "test", "test_unseen_voice"}
+ANSWER_VOICE = "fest_kal"
 
 
 def read_jsonl(path):
@@ -28,15 +30,25 @@ def qa():
 
 
 @pytest.fixture(scope="module")
+def facts():
+    return read_jsonl(TINY / "facts.jsonl")
+
+
+@pytest.fixture(scope="module")
+def text_corpus():
+    return (TINY / "text_corpus.txt").read_text().splitlines()
+
+
+@pytest.fixture(scope="module")
 def by_id(manifest):
     return {row["id"]: row for row in manifest}
 
 
 def test_manifest_fields_and_unique_ids(manifest, by_id):
-    required = {"id", "audio", "text", "voice", "split", "duration", "alignment"}
+    required = {"id", "audio", "text", "voice", "split", "duration", "alignment", "kind"}
     for row in manifest:
         assert required <= row.keys(), row["id"]
-        assert row["split"] in SPLITS
+        assert row["split"] in SPLITS and row["kind"] in ("sent", "q", "a")
         assert row["text"] and row["text"] == row["text"].strip()
     assert len(by_id) == len(manifest)
 
@@ -44,7 +56,7 @@ def test_manifest_fields_and_unique_ids(manifest, by_id):
 def test_every_audio_file_exists_with_its_duration(manifest):
     for row in manifest:
         info = sf.info(str(TINY / row["audio"]))
-        assert info.samplerate == 16000 and info.channels == 1, row["id"]
+        assert info.samplerate == 16000 and info.channels == 1 and info.subtype == "OPUS", row["id"]
         assert abs(info.duration - row["duration"]) < 0.01, row["id"]
 
 
@@ -60,16 +72,28 @@ def test_alignments_exist_and_span_the_audio(manifest):
 
 
 def test_corpus_size_voices_and_alignments(manifest):
-    minutes = sum(row["duration"] for row in manifest) / 60
-    assert minutes >= 20
+    hours = sum(row["duration"] for row in manifest) / 3600
+    assert hours >= 3
     voices = {row["voice"] for row in manifest}
-    assert len(voices) >= 8
+    assert len(voices) >= 25
     aligned_voices = {row["voice"] for row in manifest if row["alignment"]}
-    assert len(aligned_voices) >= 2 and HELD_OUT_VOICE in aligned_voices
-    vocabulary = {word for row in manifest for word in row["text"].split()}
-    assert 150 <= len(vocabulary) <= 400
+    assert len(aligned_voices) >= 4 and HELD_OUT_VOICE in aligned_voices
+    distinct_train = {row["text"] for row in manifest if row["split"] == "train" and row["kind"] == "sent"}
+    assert len(distinct_train) >= 2000
     megabytes = sum(path.stat().st_size for path in TINY.rglob("*") if path.is_file()) / 2**20
-    assert megabytes <= 30
+    assert megabytes <= 40
+
+
+def test_every_training_word_is_heard_often(manifest):
+    """Every word of the held-out sentences and questions is spoken in training, 95% of them 10 times or more."""
+    counts = defaultdict(int)
+    for row in manifest:
+        if row["split"] == "train":
+            for word in row["text"].split():
+                counts[word] += 1
+    held_out_words = {w for row in manifest if row["split"] != "train" for w in row["text"].split()}
+    assert all(counts[w] > 0 for w in held_out_words), sorted(w for w in held_out_words if not counts[w])
+    assert sum(counts[w] >= 10 for w in held_out_words) >= 0.95 * len(held_out_words)
 
 
 def test_held_out_voice_only_in_its_split(manifest):
@@ -77,35 +101,48 @@ def test_held_out_voice_only_in_its_split(manifest):
         assert (row["voice"] == HELD_OUT_VOICE) == (row["split"] == "test_unseen_voice"), row["id"]
 
 
-def test_sentence_splits_are_disjoint_texts(manifest):
+def test_sentence_splits_are_disjoint_texts(manifest, text_corpus):
     texts = defaultdict(set)
     for row in manifest:
-        if row["id"].startswith("sent_"):
+        if row["kind"] == "sent":
             texts[row["split"]].add(row["text"])
     assert texts["train"] and texts["valid"] and texts["test"]
     assert not texts["train"] & texts["valid"]
     assert not texts["train"] & texts["test"]
     assert not texts["valid"] & texts["test"]
     assert texts["test_unseen_voice"] == texts["test"]
+    assert not (texts["valid"] | texts["test"]) & set(text_corpus)  # held out of stage 0's text too
+
+
+def test_tts_voice_reads_training_and_test_sentences(manifest):
+    answer_voice = [row for row in manifest if row["voice"] == ANSWER_VOICE and row["kind"] == "sent"]
+    test_texts = {row["text"] for row in manifest if row["split"] == "test" and row["kind"] == "sent"}
+    assert sum(row["split"] == "train" for row in answer_voice) >= 1000
+    assert {row["text"] for row in answer_voice if row["split"] == "test"} == test_texts
+    assert all(row["voice"] == ANSWER_VOICE for row in manifest if row["kind"] == "a")
 
 
 def test_qa_audio_ids_resolve_to_the_right_texts(qa, by_id):
     assert len({item["id"] for item in qa}) == len(qa)
     for item in qa:
+        assert item["answer"]["audio"], item["id"]
         for side in ("question", "answer"):
-            assert item[side]["audio"], item["id"]
             for audio_id in item[side]["audio"]:
                 assert by_id[audio_id]["text"] == item[side]["text"], (item["id"], audio_id)
         question_splits = {by_id[a]["split"] for a in item["question"]["audio"]}
-        expected = {"test", "test_unseen_voice"} if item["split"] == "test" else {item["split"]}
-        assert question_splits == expected, item["id"]
+        if item["split"] in ("test", "test_knowledge"):
+            assert question_splits == {item["split"], "test_unseen_voice"}, item["id"]
+        elif item["split"] == "valid":
+            assert question_splits == {"valid"}, item["id"]
+        else:  # training questions: spoken, or typed only (they train the text-to-text variant)
+            assert question_splits <= {"train"}, item["id"]
 
 
 def test_held_out_combinations_are_absent_from_train(qa, manifest):
     train = [item for item in qa if item["split"] == "train"]
     train_pairs = {(item["fact"], item["template"]) for item in train}
     train_facts = {item["fact"] for item in train}
-    train_texts = {row["text"] for row in manifest if row["split"] == "train"}
+    train_texts = {row["text"] for row in manifest if row["split"] == "train"} | {i["question"]["text"] for i in train}
     train_slots = defaultdict(set)
     for item in train:
         if item["skill"] == "command":
@@ -122,3 +159,19 @@ def test_held_out_combinations_are_absent_from_train(qa, manifest):
                 assert value in train_slots[position], item["id"]  # ... of slot values seen in training
         else:
             assert item["fact"] in train_facts, item["id"]  # a known fact, asked in a new phrasing
+
+
+def test_text_only_facts_are_stated_only_in_text(qa, manifest, facts, text_corpus):
+    """The knowledge test: facts that only stage 0's text states, never speech or a training question."""
+    text_only = {f["fact"]: f["answer"] for f in facts if f["where"] == "text_only"}
+    assert len(text_only) >= 40
+    corpus = set(text_corpus)
+    trained = [item for item in qa if item["split"] in ("train", "valid")]
+    spoken = {row["text"] for row in manifest if row["split"] in ("train", "valid")}
+    for fact, answer in text_only.items():
+        assert answer in corpus, fact  # stated in text ...
+        assert answer not in spoken, fact  # ... never heard in training ...
+        assert all(item["fact"] != fact and item["answer"]["text"] != answer for item in trained), fact  # ... nor asked
+    knowledge = [item for item in qa if item["split"] == "test_knowledge"]
+    assert {item["fact"] for item in knowledge} == set(text_only)
+    assert all(item["question"]["audio"] for item in knowledge)
