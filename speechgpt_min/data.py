@@ -3,6 +3,12 @@
 Speech enters the text as its deduplicated units, `<sosp><12><7><305><eosp>`. Each stage turns a
 manifest (utterances: id, text, split) and spoken question/answer pairs into training strings:
 
+Stage 0, text pretraining (the toy's stand-in for what LLaMA learnt before SpeechGPT): each line of
+a text corpus is an example of its own, BOS first and EOS last (as every later example starts at
+BOS, alone), the loss on every token.
+
+    <s>the owl says hoot</s>      <s>four plus three is seven</s>      <s>anna sees the little gray box</s>
+
 Stage 1, modality adaptation: every training utterance's units, alone, BOS-prefixed, all
 concatenated and cut into fixed blocks; the loss is on every token (next-unit prediction).
 
@@ -12,6 +18,10 @@ Stage 2, cross-modal instruction: speech <-> text, with the instruction phrased 
 
     TTS  [Human]: Try to speak out this sentence, please. This is input: the frog sings<eoh> [SpeechGPT]: <sosp><1><2><eosp><eoa>
     ASR  [Human]: Transcribe this speech, please. This is input: <sosp><1><2><eosp><eoh> [SpeechGPT]: the frog sings<eoa>
+
+ASR learns from every voice; TTS from one voice, the one the model answers in: the same text in
+nine voices is nine different unit sequences, which no model could choose between (SpeechGPT's
+vocoder, too, speaks one voice).
 
 Stage 3, chain of modality: a spoken question is answered by thinking in text first (the
 transcript, then the text answer `[ta]`, then the spoken answer `[ua]`). Four variants by the
@@ -90,6 +100,9 @@ CHAIN_VARIANTS = ("s2s", "s2t", "t2s", "t2t")
 DEFAULT_CHAIN_VARIANTS = ("s2s", "t2t")
 
 
+SPLITS = ("train", "valid", "test", "test_unseen_voice", "test_knowledge")
+
+
 class DataError(ValueError):
     """A manifest, pair file or unit table that cannot be used: the message names the row."""
 
@@ -117,24 +130,76 @@ def read_jsonl(path, required):
 
 
 def load_manifest(path):
-    """Utterances: [{"id", "text", "split", ...}] with unique ids."""
-    rows = read_jsonl(path, ("id", "text", "split"))
+    """Utterances: [{"id", "audio", "text", "voice", "split", ...}] with unique ids and known splits."""
+    rows = read_jsonl(path, ("id", "audio", "text", "voice", "split"))
     seen = set()
     for row in rows:
         if row["id"] in seen:
             raise DataError(f"{path}: utterance id {row['id']!r} appears twice")
+        if row["split"] not in SPLITS:
+            raise DataError(f"{path}: utterance {row['id']!r} has unknown split {row['split']!r}; "
+                            f"valid: {', '.join(SPLITS)}")
         seen.add(row["id"])
     return rows
 
 
 def load_pairs(path):
-    """Spoken question/answer pairs: [{"id", "split", "question": {"text", "audio": [ids]}, "answer": ...}]."""
+    """Question/answer pairs: [{"id", "split", "question": {"text", "audio": [ids]}, "answer": ...}].
+    A question with no audio is typed only (it trains the text-to-text variant)."""
     pairs = read_jsonl(path, ("id", "split", "question", "answer"))
     for pair in pairs:
+        if pair["split"] not in SPLITS:
+            raise DataError(f"{path}: pair {pair['id']!r} has unknown split {pair['split']!r}; valid: {', '.join(SPLITS)}")
         for side in ("question", "answer"):
             if not isinstance(pair[side], dict) or "text" not in pair[side] or "audio" not in pair[side]:
                 raise DataError(f"{path}: pair {pair['id']!r}: {side} must be {{'text': ..., 'audio': [ids]}}")
     return pairs
+
+
+def load_text_corpus(path):
+    """Stage 0's text corpus: one text per non-empty line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (the text corpus of stage 0; tiny_data/make_tiny_data.py writes one)")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise DataError(f"{path}: the text corpus is empty")
+    return lines
+
+
+def check_corpus(data_dir, splits=("train", "valid", "test")):
+    """Everything about a corpus directory that would stop a run later, found before any training.
+
+    The manifest's rows (fields, unique ids, known splits), an utterance in each of `splits`, every
+    audio file present and readable as audio (its header), and the pairs' utterance ids. Raises
+    DataError naming the file and the problem. Returns (manifest rows, pairs).
+    """
+    import soundfile as sf  # only here: reading a header is all the data module does with audio
+
+    data_dir = Path(data_dir)
+    rows = load_manifest(data_dir / "manifest.jsonl")
+    for split in splits:
+        if not any(r["split"] == split for r in rows):
+            raise DataError(f"{data_dir / 'manifest.jsonl'}: no utterances in split {split!r}")
+    for row in rows:
+        audio = data_dir / row["audio"]
+        if not audio.is_file():
+            raise DataError(f"{audio}: missing (utterance {row['id']!r} of {data_dir / 'manifest.jsonl'})")
+        try:
+            frames = sf.info(str(audio)).frames
+        except (sf.LibsndfileError, RuntimeError) as error:
+            raise DataError(f"{audio}: not readable as audio ({error})") from None
+        if frames == 0:
+            raise DataError(f"{audio}: no samples")
+    pairs = load_pairs(data_dir / "qa.jsonl")
+    ids = {r["id"] for r in rows}
+    for pair in pairs:
+        for side in ("question", "answer"):
+            unknown = [i for i in pair[side]["audio"] if i not in ids]
+            if unknown:
+                raise DataError(f"{data_dir / 'qa.jsonl'}: pair {pair['id']!r}: {side} audio {unknown[0]!r} "
+                                f"is not in the manifest")
+    return rows, pairs
 
 
 def in_split(rows, split):
@@ -210,7 +275,14 @@ def chain_dialogue(variant, question, answer, question_units=None, answer_units=
     return Dialogue(variant, CHAIN_TEMPLATE.format(question=human), response + END_OF_ANSWER + ".")
 
 
-# ----------------------------------------------------------------------------- the three stages
+# ----------------------------------------------------------------------------- the stages
+
+def stage0_texts(lines, seed=0):
+    """Stage 0: the text corpus's lines in a seeded order."""
+    texts = list(lines)
+    random.Random(seed).shuffle(texts)
+    return texts
+
 
 def stage1_texts(rows, units, seed=0):
     """Stage 1: each utterance's units alone, "<sosp>...<eosp>", in a seeded order."""
@@ -219,20 +291,22 @@ def stage1_texts(rows, units, seed=0):
     return texts
 
 
-def stage2_dialogues(rows, units, seed=0):
-    """Stage 2: a TTS and an ASR dialogue per utterance, each with a seeded choice of instruction."""
+def stage2_dialogues(rows, units, seed=0, tts_voice=None):
+    """Stage 2: an ASR dialogue per utterance, and a TTS dialogue per utterance of `tts_voice` (the
+    voice the model answers in; None: every utterance), each with a seeded choice of instruction."""
     rng = random.Random(seed)
     dialogues = []
     for row in rows:
         u = units_of(units, row["id"])
-        dialogues.append(tts_dialogue(row["text"], u, rng.choice(TTS_INSTRUCTIONS)))
+        if tts_voice is None or row.get("voice") == tts_voice:
+            dialogues.append(tts_dialogue(row["text"], u, rng.choice(TTS_INSTRUCTIONS)))
         dialogues.append(asr_dialogue(u, row["text"], rng.choice(ASR_INSTRUCTIONS)))
     return dialogues
 
 
 def stage3_dialogues(pairs, units, seed=0, variants=DEFAULT_CHAIN_VARIANTS):
-    """Stage 3: per pair, each variant; speech questions once per recording, the spoken answer a
-    seeded choice among its recordings."""
+    """Stage 3: per pair, each variant; speech questions once per recording (none for a typed-only
+    question), the spoken answer a seeded choice among its recordings."""
     rng = random.Random(seed)
     dialogues = []
     for pair in pairs:
@@ -297,15 +371,21 @@ def encode_dialogues(tokenizer, dialogues, max_len, system_prompt=SYSTEM_PROMPT,
     return kept
 
 
-def pack_stage1(tokenizer, texts, block_size):
+def text_examples(tokenizer, texts):
+    """Stage 0: each text an example of its own, BOS + text + EOS, the loss on every token."""
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    return [Example(ids, list(ids)) for ids in (_bos(tokenizer) + tokenizer.encode(text) + eos for text in texts)]
+
+
+def pack_blocks(tokenizer, texts, block_size):
     """Stage 1 blocks: BOS + each text, concatenated, cut into blocks of block_size + 1 tokens that
     overlap by one, so every token after the first is a target exactly once. The tail is dropped."""
     stream = []
     for text in texts:
         stream += _bos(tokenizer) + tokenizer.encode(text)
     n_blocks = (len(stream) - 1) // block_size
-    if n_blocks == 0:
-        raise DataError(f"stage 1 has {len(stream)} tokens, fewer than one block of {block_size} + 1")
+    if n_blocks < 1:
+        raise DataError(f"the texts have {len(stream)} tokens, fewer than one block of {block_size} + 1")
     blocks = [stream[i * block_size:(i + 1) * block_size + 1] for i in range(n_blocks)]
     return [Example(b, list(b)) for b in blocks]
 

@@ -9,7 +9,7 @@ import torch
 from speechgpt_min.data import (
     ASR_INSTRUCTIONS, CHAIN_TEMPLATE, CHAIN_VARIANTS, SYSTEM_PROMPT, TTS_INSTRUCTIONS, DataError, Dialogue, Example,
     asr_dialogue, chain_dialogue, collate, encode_dialogue, encode_dialogues, encode_prompt, in_split,
-    inference_prompt, load_manifest, load_pairs, n_targets, pack_stage1, speech_text, stage1_texts,
+    inference_prompt, load_manifest, load_pairs, n_targets, pack_blocks, speech_text, stage1_texts,
     stage2_dialogues, stage3_dialogues, tts_dialogue,
 )
 from speechgpt_min.model import IGNORE_INDEX
@@ -98,7 +98,7 @@ def test_masks_token_by_token():
         ("<s>", 0), ("sys", 0), ("\n", 0), ("[Human]", 0), (":", 0), (" Say", 0), (" it", 0), (".", 0),
         (" This", 0), (" is", 0), (" input", 0), (":", 0), (" hi", 0), (" there", 0), ("<eoh>", 0), (" ", 0),
         ("[SpeechGPT]", 0), (":", 0),
-        (" ", 1), ("<sosp>", 1), ("<3>", 1), ("<5>", 1), ("<eosp>", 1), ("<", 1), ("eoa", 1), (">", 1), ("</s>", 1),
+        (" ", 1), ("<sosp>", 1), ("<3>", 1), ("<5>", 1), ("<eosp>", 1), ("<eoa>", 1), ("</s>", 1),
     ]
     e = encode_dialogue(tok, d, system_prompt=system)
     assert pieces(tok, e.tokens) == [p for p, _ in expected]
@@ -152,14 +152,16 @@ def test_stage1_blocks_cover_every_token_once():
     stream = []
     for t in texts:
         stream += [tok.bos_id] + tok.encode(t)
-    blocks = pack_stage1(tok, texts, block_size=16)
+    blocks = pack_blocks(tok, texts, block_size=16)
     assert len(blocks) == (len(stream) - 1) // 16
     assert all(len(b.tokens) == 17 and b.labels == b.tokens for b in blocks)
     targets = [t for b in blocks for t in b.tokens[1:]]
     assert targets == stream[1:1 + len(targets)]
     assert blocks[1].tokens[0] == blocks[0].tokens[-1]  # consecutive blocks overlap by one token
     with pytest.raises(DataError, match="fewer than one block"):
-        pack_stage1(tok, texts[:1], block_size=10_000)
+        pack_blocks(tok, texts[:1], block_size=10_000)
+    with pytest.raises(DataError, match="fewer than one block"):
+        pack_blocks(tok, [], block_size=16)
 
 
 # ----------------------------------------------------------------------------- the corpus
@@ -180,6 +182,11 @@ def test_stages_on_tiny_data_are_deterministic():
     used = {d.prompt.split(" This is input:")[0][len("[Human]: "):] for d in s2}
     assert used == set(TTS_INSTRUCTIONS) | set(ASR_INSTRUCTIONS)  # all paraphrases occur
 
+    # TTS in one voice, the answer voice; ASR in all of them
+    s2_one_voice = stage2_dialogues(train_rows, units, seed=0, tts_voice="fest_kal")
+    assert sum(d.task == "asr" for d in s2_one_voice) == len(train_rows)
+    assert sum(d.task == "tts" for d in s2_one_voice) == sum(r["voice"] == "fest_kal" for r in train_rows) > 0
+
     s3 = stage3_dialogues(train_pairs, units, seed=0, variants=CHAIN_VARIANTS)
     n_speech = sum(len(p["question"]["audio"]) for p in train_pairs)
     assert len(s3) == 2 * n_speech + 2 * len(train_pairs)
@@ -193,15 +200,19 @@ def test_stages_on_tiny_data_are_deterministic():
 
 def test_corpus_errors_name_the_problem(tmp_path):
     rows = load_manifest(TINY / "manifest.jsonl")
-    with pytest.raises(DataError, match=r"no units for utterance 'sent_0000_fest_kal'"):
+    with pytest.raises(DataError, match=r"no units for utterance 'sent_00000_fest_kal'"):
         stage2_dialogues(rows[:1], {})
-    with pytest.raises(DataError, match=r"no rows in split 'dev'; splits present: \['test', 'test_unseen_voice'"):
+    with pytest.raises(DataError, match=r"no rows in split 'dev'; splits present: \['test', 'test_knowledge', 'test_unseen_voice'"):
         in_split(rows, "dev")
     bad = tmp_path / "m.jsonl"
-    bad.write_text(json.dumps({"id": "a", "text": "x"}) + "\n")
-    with pytest.raises(DataError, match=r"m.jsonl:1: missing \['split'\]"):
+    bad.write_text(json.dumps({"id": "a", "text": "x", "audio": "a.ogg"}) + "\n")
+    with pytest.raises(DataError, match=r"m.jsonl:1: missing \['voice', 'split'\]"):
         load_manifest(bad)
-    bad.write_text(json.dumps({"id": "a", "text": "x", "split": "train"}) + "\n{oops\n")
+    row = {"id": "a", "text": "x", "audio": "a.ogg", "voice": "v"}
+    bad.write_text(json.dumps({**row, "split": "dev"}) + "\n")
+    with pytest.raises(DataError, match=r"utterance 'a' has unknown split 'dev'; valid: train, valid, test"):
+        load_manifest(bad)
+    bad.write_text(json.dumps({**row, "split": "train"}) + "\n{oops\n")
     with pytest.raises(DataError, match="m.jsonl:2: not valid JSON"):
         load_manifest(bad)
     with pytest.raises(DataError, match="no such file"):
