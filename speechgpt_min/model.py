@@ -64,14 +64,15 @@ class LMConfig:
         return self.dim // self.n_heads
 
     @classmethod
-    def from_preset(cls, name, vocab_size=None):
-        """The named preset (exact name), with the vocabulary size replaced when given."""
+    def from_preset(cls, name, **overrides):
+        """The named preset (exact name), with any fields replaced, e.g. vocab_size=1200, dim=192;
+        the result is checked as a whole (a changed dim must still divide into the heads)."""
         if name not in LM_PRESETS:
             raise ValueError(f"unknown LM preset {name!r}; valid presets: {', '.join(LM_PRESETS)}")
-        fields = dict(LM_PRESETS[name])
-        if vocab_size is not None:
-            fields["vocab_size"] = vocab_size
-        return cls(**fields)
+        unknown = sorted(set(overrides) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown LMConfig field(s) {unknown}; fields: {', '.join(cls.__dataclass_fields__)}")
+        return cls(**{**LM_PRESETS[name], **overrides})
 
     def to_dict(self):
         return asdict(self)
@@ -153,6 +154,28 @@ class KVCache:
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # each (B, n_kv, end, hd)
+
+
+class SharedPrefix:
+    """The keys and values of a prefix that every row of a batch starts with (in training: BOS and
+    the system prompt, 64 of an ASR example's ~110 tokens), computed once instead of once per row.
+
+    It stands where a KVCache stands: the prefix runs first, alone (batch 1), and each layer records
+    its keys and values, gradients attached; the rows' own tokens then attend to them, expanded over
+    the batch. The loss and every gradient are those of running each row whole.
+    """
+
+    def __init__(self):
+        self.k, self.v, self.length = {}, {}, 0
+
+    def update(self, layer, k, v):
+        """Record the prefix's k, v (1, n_kv, P, hd); then give each row's k, v after them."""
+        if self.length == 0:
+            self.k[layer], self.v[layer] = k, v
+            return k, v
+        B = k.shape[0]
+        return (torch.cat([self.k[layer].expand(B, -1, -1, -1), k], dim=2),  # (B, n_kv, P + T, hd)
+                torch.cat([self.v[layer].expand(B, -1, -1, -1), v], dim=2))
 
 
 class Attention(nn.Module):
@@ -259,7 +282,8 @@ class Transformer(nn.Module):
     def hidden_states(self, idx, cache=None):
         """idx (B, T) token ids -> final normed hidden states (B, T, dim).
 
-        With a cache, the T tokens continue the cache's `length` positions, and are appended to it.
+        With a cache (a KVCache, or a SharedPrefix), the T tokens continue the cache's `length`
+        positions, and are appended to it.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -281,14 +305,22 @@ class Transformer(nn.Module):
         """Hidden states (..., dim) -> logits (..., vocab_size)."""
         return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embed_tokens.weight)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, shared_prefix=0):
         """idx (B, T) -> logits (B, T, vocab_size).
 
         targets (B, T), optional: the token that should follow each position (the input shifted
         left by one), IGNORE_INDEX (-100) where no loss is wanted. Then returns (logits, loss), the
         loss being the mean cross-entropy over the unmasked positions (0 if all are masked).
+        shared_prefix: P > 0 when every row starts with the same P tokens and no target lies among
+        them: the prefix runs once (SharedPrefix), and logits (B, T - P, V) cover the rest.
         """
-        logits = self.logits(self.hidden_states(idx))  # (B, T, V)
+        if shared_prefix:
+            prefix = SharedPrefix()
+            self.hidden_states(idx[:1, :shared_prefix], prefix)  # its keys and values, once
+            logits = self.logits(self.hidden_states(idx[:, shared_prefix:], prefix))  # (B, T - P, V)
+            targets = targets[:, shared_prefix:] if targets is not None else None
+        else:
+            logits = self.logits(self.hidden_states(idx))  # (B, T, V)
         if targets is None:
             return logits
         losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),

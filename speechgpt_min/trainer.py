@@ -10,10 +10,12 @@ processes, so one process and N processes with the same batch_size compute the s
 
 What the loop does, step by step:
     lr from the schedule (linear warmup, then cosine down to min_lr)
-    grad_accum micro-batches: forward (bf16 autocast where the hardware has fast bf16), backward, gradients summed
+    grad_accum micro-batches: forward (bf16 autocast where the hardware has fast bf16; a prefix all rows
+        share, the system prompt, computed once), backward, gradients summed
     clip the gradient norm, AdamW step (weight decay on matrices only)
     log loss, lr, grad norm and tokens/s to metrics.jsonl and the progress bar
-    every eval_every steps: validation loss; every checkpoint_every steps: a checkpoint
+    every eval_every steps: validation loss, and task scores (a callback that decodes a few held-out
+        examples: CER, accuracy); every checkpoint_every steps: a checkpoint
 
 A checkpoint (`ckpt.pt` in out_dir) holds the trainable parameters (the whole model, or only
 the LoRA matrices when the base is frozen), the optimizer, the step, the data position (epoch and
@@ -48,7 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .data import collate, n_targets
-from .model import Block
+from .model import IGNORE_INDEX, Block
 
 CHECKPOINT_FILE = "ckpt.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -288,6 +290,21 @@ def grad_sync(model, sync):
 
 
 @torch.no_grad()
+def shared_prefix(batch, gradient_checkpointing, at_least=16):
+    """How many leading tokens every row of a collated batch shares with no target among them (BOS
+    and the system prompt): the model then computes them once (model.SharedPrefix). 0 when fewer
+    than `at_least`, with one row, with gradient checkpointing (which needs whole rows), or with
+    several processes (DDP and FSDP expect every process to run the same graph)."""
+    x, y = batch["input_ids"], batch["labels"]
+    if len(x) < 2 or gradient_checkpointing or world()[1] > 1:
+        return 0
+    same = (x == x[:1]).all(0).long()  # (T,) 1 where every row has the first row's token
+    n = int(same.cumprod(0).sum())  # length of the common prefix
+    targeted = (y != IGNORE_INDEX).any(0).nonzero()
+    n = min(n, int(targeted[0]) if len(targeted) else n, int(batch["lengths"].min()) - 1)
+    return n if n >= at_least else 0
+
+
 def evaluate(model, examples, cfg, device, autocast):
     """Mean loss per target token over the validation examples (each process takes a share)."""
     rank, world_size = world()
@@ -302,7 +319,8 @@ def evaluate(model, examples, cfg, device, autocast):
     for batch in batches:
         b = collate(batch)
         with autocast:
-            _, loss = model(b["input_ids"].to(device), b["labels"].to(device))
+            _, loss = model(b["input_ids"].to(device), b["labels"].to(device),
+                            shared_prefix=shared_prefix(b, cfg.gradient_checkpointing))
         n = sum(n_targets(e) for e in batch)
         total, count = total + loss.item() * n, count + n
     model.train()
@@ -331,13 +349,15 @@ def log_line(path, record):
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(model, train_set, cfg, val_set=None):
+def train(model, train_set, cfg, val_set=None, score_tasks=None):
     """Train `model` in place on train_set (a list of data.Example; val_set likewise, optional).
 
     Only parameters with requires_grad are optimized and checkpointed: for stage 3, call
     lora.inject(model, LoRAConfig.from_preset("speechgpt")) first. A checkpoint in cfg.out_dir is
-    resumed from (cfg.resume). Returns the metric records of the steps this call ran, as written
-    to metrics.jsonl: {"step", "loss", "lr", "grad_norm", "tokens_per_s", "epoch"[, "val_loss"]}.
+    resumed from (cfg.resume). score_tasks(model) -> {name: score}, optional, runs at every
+    evaluation (first process only) on the unwrapped model: what the model can *do* so far, beside
+    its loss. Returns the metric records of the steps this call ran, as written to metrics.jsonl:
+    {"step", "loss", "lr", "grad_norm", "tokens_per_s", "epoch"[, "val_loss", task scores]}.
     """
     rank, world_size = world()
     if cfg.batch_size % world_size:
@@ -361,7 +381,7 @@ def train(model, train_set, cfg, val_set=None):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing = True  # the model's own switch (model.Transformer)
     model.train()
-    model = wrap(model, cfg, device)
+    unwrapped, model = model, wrap(model, cfg, device)
     optimizer = make_optimizer(model, cfg, device)
 
     step, epoch, index = 0, 0, 0
@@ -394,7 +414,7 @@ def train(model, train_set, cfg, val_set=None):
             x, y = b["input_ids"].to(device), b["labels"].to(device)  # (b, T) each
             with grad_sync(model, sync=m == cfg.grad_accum - 1):
                 with autocast:
-                    _, loss = model(x, y)  # mean over this shard's targets
+                    _, loss = model(x, y, shared_prefix=shared_prefix(b, cfg.gradient_checkpointing))  # mean over targets
                 # Re-weight to this shard's share of the step's sum; DDP/FSDP average over processes.
                 loss = loss * (sum(n_targets(e) for e in mine) / step_targets)
                 (loss * world_size).backward()
@@ -409,8 +429,14 @@ def train(model, train_set, cfg, val_set=None):
         dt = time.perf_counter() - t0
         record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
                   "tokens_per_s": step_tokens / dt, "epoch": order.epoch}
-        if val_set and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            record["val_loss"] = evaluate(model, val_set, cfg, device, autocast)
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if val_set:
+                record["val_loss"] = evaluate(model, val_set, cfg, device, autocast)
+            if score_tasks is not None and rank == 0 and not cfg.fsdp:  # FSDP: weights are sharded
+                unwrapped.eval()
+                with torch.no_grad(), autocast:
+                    record.update(score_tasks(unwrapped))
+                unwrapped.train()
         history.append(record)
         if rank == 0:
             log_line(metrics_path, record)

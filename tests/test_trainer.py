@@ -16,14 +16,14 @@ import torch.multiprocessing as mp
 from torch.distributed.fsdp import FSDPModule
 
 from speechgpt_min.data import (
-    CHAIN_VARIANTS, encode_dialogues, pack_stage1, stage1_texts, stage2_dialogues, stage3_dialogues,
+    CHAIN_VARIANTS, encode_dialogues, pack_blocks, stage1_texts, stage2_dialogues, stage3_dialogues,
 )
 from speechgpt_min.lora import LoRAConfig, inject, lora_state_dict
-from speechgpt_min.model import LMConfig, Transformer
+from speechgpt_min.model import IGNORE_INDEX, LMConfig, Transformer
 from speechgpt_min.tokenizer import Tokenizer
 from speechgpt_min.trainer import (
     CHECKPOINT_FILE, METRICS_FILE, DataOrder, TrainConfig, init_distributed, keep_metrics_until, lr_at,
-    resolve_device, save_checkpoint, train,
+    resolve_device, save_checkpoint, shared_prefix, train,
 )
 
 WORDS = "the a frog cat dog sings sleeps runs red blue green big small one two three four".split()
@@ -58,7 +58,7 @@ def setup_run(out_dir, stage=2, model_seed=0, **overrides):
     d3 = stage3_dialogues(pairs, units, variants=CHAIN_VARIANTS)
     tok = Tokenizer.train([d.text(system_prompt="") for d in d2 + d3], n_units=16)
     if stage == 1:
-        examples = pack_stage1(tok, stage1_texts(rows, units), block_size=32)
+        examples = pack_blocks(tok, stage1_texts(rows, units), block_size=32)
     else:  # a short system prompt keeps the examples small
         examples = encode_dialogues(tok, d2 if stage == 2 else d3, max_len=128, system_prompt="sys\n")
     torch.manual_seed(model_seed)
@@ -126,11 +126,11 @@ from speechgpt_min.trainer import train
 torch.set_num_threads({threads})
 model, train_set, val_set, cfg = setup_lora_run({out!r}, **{overrides!r})
 forward, calls = model.forward, [0]
-def forward_then_die(*args):
+def forward_then_die(*args, **kwargs):
     calls[0] += 1
     if calls[0] == {kill_at}:
         os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no exception handlers: a real crash
-    return forward(*args)
+    return forward(*args, **kwargs)
 model.forward = forward_then_die
 train(model, train_set, cfg, val_set)
 """
@@ -159,11 +159,11 @@ def test_resume_after_a_crash_is_exact(tmp_path, stage, crash):
         model, train_set, val_set, cfg = setup_lora_run(tmp_path / "crashed", **overrides)
         forward, calls = model.forward, [0]
 
-        def forward_then_raise(*args):
+        def forward_then_raise(*args, **kwargs):
             calls[0] += 1
             if calls[0] == 21:
                 raise SimulatedCrash
-            return forward(*args)
+            return forward(*args, **kwargs)
 
         model.forward = forward_then_raise
         with pytest.raises(SimulatedCrash):
@@ -315,3 +315,26 @@ def test_config_and_device_errors():
         TrainConfig(dtype="fp16")
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         TrainConfig(batch_size=0)
+
+
+def test_a_shared_prefix_is_computed_once_with_the_same_loss_and_gradients():
+    """Rows that start alike (BOS + system prompt) run their common prefix once: same loss, same gradients."""
+    torch.manual_seed(0)
+    model = Transformer(LMConfig.from_preset("toy", vocab_size=300, n_layers=2, n_kv_heads=2))
+    x = torch.randint(0, 300, (4, 50))
+    x[:, :20] = x[0, :20]
+    y = torch.randint(0, 300, (4, 50))
+    y[:, :23] = IGNORE_INDEX  # the prompt carries no loss
+    batch = {"input_ids": x, "labels": y, "lengths": torch.tensor([50, 45, 50, 50])}
+    assert shared_prefix(batch, gradient_checkpointing=False) == 20
+    assert shared_prefix(batch, gradient_checkpointing=True) == 0
+    assert shared_prefix({**batch, "labels": torch.zeros_like(y)}, gradient_checkpointing=False) == 0  # targets in it
+    results = []
+    for prefix in (0, 20):
+        model.zero_grad()
+        _, loss = model(x, y, shared_prefix=prefix)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
