@@ -115,6 +115,37 @@ PRESETS = {
                                 dur_hidden_dim=128, discriminator_channels=1024),
 }
 
+# ----------------------------------------------------------------------------- inputs
+
+
+class VocoderInputError(ValueError):
+    """Units or durations a vocoder cannot speak; the message names the problem."""
+
+
+def check_units(units, num_embeddings):
+    """Refuse what no vocoder can speak, before any layer sees it: units must be a non-empty
+    (batch, units) torch.long tensor of ids in [0, num_embeddings)."""
+    if not torch.is_tensor(units) or units.dtype != torch.long:
+        raise TypeError(f"units must be a torch.long tensor shaped (batch, units), got "
+                        f"{units.dtype if torch.is_tensor(units) else type(units).__name__}")
+    if units.dim() != 2 or units.numel() == 0:
+        raise VocoderInputError(f"units must be a non-empty (batch, units) tensor, got shape {tuple(units.shape)}")
+    if units.min() < 0 or units.max() >= num_embeddings:
+        raise VocoderInputError(f"unit ids must be in [0, {num_embeddings}), got values from "
+                                f"{units.min().item()} to {units.max().item()}")
+
+
+def check_durations(units, durations):
+    """Durations must be integer frame counts, one per unit (shaped like units), each at least 1."""
+    if not torch.is_tensor(durations) or durations.dtype.is_floating_point or durations.dtype == torch.bool:
+        raise VocoderInputError(f"durations must be an integer tensor of frame counts, got "
+                                f"{durations.dtype if torch.is_tensor(durations) else type(durations).__name__}")
+    if durations.shape != units.shape:
+        raise VocoderInputError(f"durations must give one frame count per unit: units are shaped "
+                                f"{tuple(units.shape)}, durations {tuple(durations.shape)}")
+    if (durations < 1).any():
+        raise VocoderInputError(f"durations must be at least 1 frame each, got a minimum of {durations.min().item()}")
+
 # ----------------------------------------------------------------------------- generator
 
 
@@ -195,38 +226,26 @@ class UnitVocoder(nn.Module):
 
     def predict_durations(self, units):
         """Units (B, N) long -> frames per unit (B, N) long, each >= 1. Expects deduplicated units."""
+        check_units(units, self.config.num_embeddings)
         log_dur = self.dur_predictor(self.dict(units))  # (B, N), log(d + 1)
         return torch.clamp(torch.round(torch.exp(log_dur) - 1).long(), min=1)
 
     def forward(self, units, durations=None):
         """Units (B, N) long -> waveform (B, samples) float at 16 kHz.
 
-        durations: (B, N) frame counts, or None to predict them. Item b lasts durations[b].sum() * 320
+        durations: (B, N) frame counts (each >= 1), or None to predict them. Item b lasts durations[b].sum() * 320
         samples; shorter items are zero-padded at the end to the longest.
         """
-        self.check_units(units)
+        check_units(units, self.config.num_embeddings)
         if durations is None:
             durations = self.predict_durations(units)
-        elif durations.shape != units.shape or durations.dtype.is_floating_point or (durations < 0).any():
-            raise ValueError(f"durations must be non-negative integer frame counts shaped like units {tuple(units.shape)}, "
-                             f"got {durations.dtype} {tuple(durations.shape)}")
+        else:
+            check_durations(units, durations)
         frames = [torch.repeat_interleave(u, d) for u, d in zip(units, durations)]  # B x (T_b,)
-        if min(len(f) for f in frames) == 0:
-            raise ValueError("durations sum to zero frames for an item: nothing to synthesise")
         if len({len(f) for f in frames}) == 1:  # equal lengths: one batched pass
             return self.decode(self.dict(torch.stack(frames)).transpose(1, 2))
         wavs = [self.decode(self.dict(f[None]).transpose(1, 2))[0] for f in frames]  # separately: no padding artefacts
         return nn.utils.rnn.pad_sequence(wavs, batch_first=True)
-
-    def check_units(self, units):
-        if not torch.is_tensor(units) or units.dtype != torch.long:
-            raise TypeError(f"units must be a torch.long tensor shaped (batch, units), got "
-                            f"{units.dtype if torch.is_tensor(units) else type(units).__name__}")
-        if units.dim() != 2 or units.numel() == 0:
-            raise ValueError(f"units must be a non-empty (batch, units) tensor, got shape {tuple(units.shape)}")
-        if units.min() < 0 or units.max() >= self.config.num_embeddings:
-            raise ValueError(f"unit ids must be in [0, {self.config.num_embeddings}), got values from "
-                             f"{units.min().item()} to {units.max().item()}")
 
     # ------------------------------------------------------------------------- weights
 

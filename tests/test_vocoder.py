@@ -1,4 +1,6 @@
-"""Unit vocoder: the released format (golden vector), presets, save/load, errors, and training."""
+"""Unit vocoders: the released unit HiFi-GAN format (golden vector), the toy's mel vocoder and its
+Griffin-Lim, presets, save/load of either kind, errors on bad input, and training."""
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -7,12 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from speechgpt_min.vocoder import UnitVocoder, VocoderConfig
+from speechgpt_min.mel_vocoder import MelVocoder, MelVocoderConfig, griffin_lim, load_vocoder
+from speechgpt_min.vocoder import UnitVocoder, VocoderConfig, VocoderInputError
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "unit_hifigan"
 # A small generator of the same architecture, for fast tests.
 SMALL = VocoderConfig(num_embeddings=100, embedding_dim=16, upsample_initial_channel=32, dur_hidden_dim=16,
                       resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1, 3, 5),))
+SMALL_MEL = MelVocoderConfig(num_embeddings=100, channels=16, encoder_layers=1, decoder_dilations=(1, 2),
+                             dur_hidden_dim=8)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +53,7 @@ def test_released_checkpoint_reproduces_golden_vector(reference, expected, tmp_p
     vocoder = UnitVocoder.from_pretrained(released_dir(reference, tmp_path, weights))
     assert not vocoder.training
     check_golden(vocoder, expected)
+    check_golden(load_vocoder(released_dir(reference, tmp_path, weights)), expected)  # the one entry point, too
     # durations given explicitly reproduce the predicted-duration waveform
     with torch.inference_mode():
         wav = vocoder(expected["codes"], expected["durations"])
@@ -102,18 +108,24 @@ def test_upsample_rates_must_multiply_to_hop():
         VocoderConfig(upsample_rates=(5, 4, 4, 2), upsample_kernel_sizes=(11, 8, 8, 4))
 
 
-@pytest.mark.parametrize("units, error, match", [
-    (torch.tensor([[3, 100]]), ValueError, r"\[0, 100\)"),
-    (torch.tensor([[-1, 4]]), ValueError, r"\[0, 100\)"),
-    (torch.zeros(1, 0, dtype=torch.long), ValueError, "non-empty"),
-    (torch.tensor([3, 4]), ValueError, r"\(batch, units\)"),
-    (torch.tensor([[3.0, 4.0]]), TypeError, "torch.long"),
-    ([[3, 4]], TypeError, "torch.long"),
+@pytest.mark.parametrize("config", [SMALL, SMALL_MEL], ids=["hifigan", "mel"])
+@pytest.mark.parametrize("units, durations, error, match", [
+    (torch.tensor([[3, 100]]), None, VocoderInputError, r"\[0, 100\)"),
+    (torch.tensor([[-1, 4]]), None, VocoderInputError, r"\[0, 100\)"),
+    (torch.zeros(1, 0, dtype=torch.long), None, VocoderInputError, "non-empty"),
+    (torch.tensor([3, 4]), None, VocoderInputError, r"\(batch, units\)"),
+    (torch.tensor([[3.0, 4.0]]), None, TypeError, "torch.long"),
+    ([[3, 4]], None, TypeError, "torch.long"),
+    (torch.tensor([[3, 4]]), torch.tensor([[2, 2, 2]]), VocoderInputError, r"one frame count per unit.*\(1, 2\).*\(1, 3\)"),
+    (torch.tensor([[3, 4]]), torch.tensor([[2, 0]]), VocoderInputError, "at least 1 frame"),
+    (torch.tensor([[3, 4]]), torch.tensor([[2, -1]]), VocoderInputError, "at least 1 frame"),
+    (torch.tensor([[3, 4]]), torch.tensor([[2.0, 1.0]]), VocoderInputError, "integer tensor"),
 ])
-def test_bad_units_get_clear_errors(units, error, match):
-    vocoder = UnitVocoder(SMALL).eval()
+def test_bad_input_gets_a_clear_error_from_either_kind(config, units, durations, error, match):
+    vocoder = (UnitVocoder if isinstance(config, VocoderConfig) else MelVocoder)(config).eval()
+    assert issubclass(VocoderInputError, ValueError)
     with pytest.raises(error, match=match):
-        vocoder(units)
+        vocoder(units, durations)
 
 
 def test_missing_files_get_clear_errors(tmp_path):
@@ -149,9 +161,13 @@ def test_bfloat16_inference_stays_close_to_float32(reference, expected, tmp_path
         reference_wav = vocoder(codes, durations)
         fast = vocoder.to(torch.bfloat16)(codes, durations)
     assert fast.dtype == torch.bfloat16 and fast.shape == reference_wav.shape
-    noise = fast.float() - reference_wav
-    snr_db = 10 * torch.log10(reference_wav.pow(2).sum() / noise.pow(2).sum())
-    assert snr_db > 30, f"bfloat16 waveform SNR {snr_db:.1f} dB"
+    snr = snr_db(reference_wav, fast.float())
+    assert snr > 30, f"bfloat16 waveform SNR {snr:.1f} dB"
+
+
+def snr_db(reference, other):
+    """Signal-to-noise ratio of `other` against `reference`, in dB."""
+    return (10 * torch.log10(reference.pow(2).sum() / (other - reference).pow(2).sum())).item()
 
 
 def tone_dataset(num_items=4, num_units=8, seed=0):
@@ -193,3 +209,117 @@ def test_learning_rate_decays_along_a_cosine_or_stays_constant():
     constant = train_vocoder(UnitVocoder(SMALL), data, steps=2, batch_size=1, segment_frames=4, lr=1e-3, min_lr=None,
                              progress=False)
     assert [h["lr"] for h in constant] == [1e-3, 1e-3]
+
+
+# ----------------------------------------------------------------------------- the mel vocoder
+
+
+def test_griffin_lim_recovers_a_waveform_from_its_magnitude():
+    """Two tones gliding in pitch: Griffin-Lim, given only the STFT magnitude, finds a waveform whose
+    magnitude is close to it (spectral convergence), and more iterations get closer."""
+    config = MelVocoderConfig()
+    t = torch.arange(8000) / 16000
+    wav = 0.3 * torch.sin(2 * torch.pi * (300 + 400 * t) * t) + 0.2 * torch.sin(2 * torch.pi * 1700 * t)
+    window = torch.hann_window(config.win_length)
+
+    def magnitude(x):
+        return torch.stft(x, config.n_fft, config.hop_length, config.win_length, window, return_complex=True).abs()
+
+    target = magnitude(wav)[None]  # (1, 513, 51)
+
+    def convergence(iters):
+        rebuilt = griffin_lim(target, dataclasses.replace(config, griffin_lim_iters=iters), length=len(wav))
+        assert rebuilt.shape == (1, len(wav))
+        return (torch.linalg.norm(magnitude(rebuilt[0]) - target[0]) / torch.linalg.norm(target)).item()
+
+    zero_phase, few, more = convergence(0), convergence(8), convergence(32)
+    assert more < few < zero_phase, (zero_phase, few, more)
+    assert more < 0.1, more
+
+
+def test_mel_to_wave_keeps_the_spectrogram():
+    """True log-mel -> waveform (pseudo-inverse + Griffin-Lim) -> log-mel again: close to the original,
+    and much closer after 16 iterations than with the zero phase it starts from."""
+    wav = tone_dataset(num_items=1)[0][0]
+
+    def error(iters):
+        vocoder = MelVocoder(MelVocoderConfig(griffin_lim_iters=iters))
+        log_mel = vocoder.log_mel(wav)[:, :-1]  # (80, 2T): two 10 ms frames per 20 ms unit frame
+        rebuilt = vocoder.mel_to_wave(log_mel)
+        assert rebuilt.shape == wav.shape
+        return (vocoder.log_mel(rebuilt)[:, :-1] - log_mel).abs().mean().item()
+
+    zero_phase, iterated = error(0), error(16)
+    assert iterated < 0.8 and iterated < zero_phase / 3, (zero_phase, iterated)  # nats; silence: 4.5, noise: 6.0
+
+
+def test_mel_vocoder_shapes_and_batches():
+    torch.manual_seed(0)
+    vocoder = MelVocoder(SMALL_MEL).eval()
+    units = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    durations = torch.tensor([[2, 1, 1], [1, 1, 1]])
+    with torch.inference_mode():
+        log_mel, same = vocoder.units_to_mel(units, durations)
+        batch = vocoder(units, durations)
+        first, second = vocoder(units[:1], durations[:1]), vocoder(units[1:], durations[1:])
+        predicted = vocoder.predict_durations(units)
+        spoken = vocoder(units)
+    assert log_mel.shape == (2, 80, 8) and torch.equal(same, durations)
+    assert batch.shape == (2, 4 * 320)
+    # the same as one at a time, up to float rounding (which Griffin-Lim's iterations amplify a little)
+    assert snr_db(first[0], batch[0]) > 40 and snr_db(second[0], batch[1, :3 * 320]) > 40
+    assert (batch[1, 3 * 320:] == 0).all()
+    assert predicted.dtype == torch.long and (predicted >= 1).all()
+    assert spoken.shape == (2, int(predicted.sum(1).max()) * 320)
+
+
+def test_predicted_durations_keep_the_running_total():
+    """Every unit predicted at 1.4 frames: rounding each alone gives 1 (too fast); rounding the running
+    total gives 1, 2, 1, 2, 1 = 7 frames for 7.0."""
+    vocoder = MelVocoder(SMALL_MEL).eval()
+    vocoder.log_durations = lambda encoded: torch.full(encoded.shape[::2], 1.4).log1p()  # (B, N)
+    assert vocoder.predict_durations(torch.tensor([[1, 2, 3, 4, 5]])).tolist() == [[1, 2, 1, 2, 1]]
+
+
+def test_mel_vocoder_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    vocoder = MelVocoder(SMALL_MEL).eval()
+    vocoder.save_pretrained(tmp_path / "mel")
+    config = json.loads((tmp_path / "mel" / "config.json").read_text())
+    assert config["kind"] == "unit-mel-griffin-lim" and config["num_embeddings"] == 100
+    loaded = load_vocoder(tmp_path / "mel")
+    assert isinstance(loaded, MelVocoder) and not loaded.training and loaded.config == SMALL_MEL
+    units = torch.tensor([[7, 8, 9, 10]])
+    with torch.inference_mode():
+        assert torch.equal(loaded(units), vocoder(units))
+    assert isinstance(load_vocoder(tmp_path / "mel" / "model.safetensors"), MelVocoder)  # a file path works too
+    UnitVocoder(SMALL).save_pretrained(tmp_path / "hifigan")  # no "kind": the released format
+    assert isinstance(load_vocoder(tmp_path / "hifigan"), UnitVocoder)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_vocoder(tmp_path / "absent")
+
+
+def test_mel_vocoder_config_presets_and_kind():
+    config = MelVocoderConfig.from_preset("toy", num_embeddings=50)
+    assert config.num_embeddings == 50 and config.mel_frames_per_unit == 2
+    assert MelVocoderConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="valid presets: toy"):
+        MelVocoderConfig.from_preset("tiny")
+    with pytest.raises(ValueError, match="kind"):
+        MelVocoderConfig.from_dict(VocoderConfig().to_dict())
+    with pytest.raises(ValueError, match="whole number of mel frames"):
+        MelVocoderConfig(hop_length=256)
+
+
+def test_mel_vocoder_training_lowers_its_losses():
+    from speechgpt_min.vocoder_training import train_mel_vocoder
+    torch.manual_seed(0)
+    vocoder = MelVocoder(SMALL_MEL)
+    data = tone_dataset()
+    records = []
+    history = train_mel_vocoder(vocoder, data, steps=60, batch_size=2, lr=1e-2, progress=False, log=records.append)
+    assert records == history and len(history) == 60 and not vocoder.training
+    first, last = (sum(h[key] for h in part) / len(part) for part in (history[:5], history[-5:]) for key in ("mel",))
+    assert last < 0.6 * first, (first, last)
+    assert history[-1]["dur"] < history[0]["dur"]
+    assert history[-1]["lr"] < history[len(history) // 2]["lr"] < 1e-2  # warm-up then cosine decay
