@@ -1,6 +1,9 @@
-"""Real-time factor of the unit vocoder on CPU: seconds of compute per second of audio (lower is faster).
+"""Real-time factor of the unit vocoders on CPU: seconds of compute per second of audio (lower is faster).
 
     python benchmarks/bench_vocoder.py --seconds 5 --runs 3 --threads 2
+
+The toy's mel vocoder (mel_vocoder.py, the one train.py trains) first: units -> log-mel, then
+Griffin-Lim at several iteration counts, timed apart; then the unit HiFi-GAN presets.
 
 Random weights (speed does not depend on them), weight norm removed, inference mode,
 durations given (5 s = 250 frames of 20 ms), median of `runs` timed runs after one warm-up.
@@ -18,6 +21,7 @@ import time
 
 import torch
 
+from speechgpt_min.mel_vocoder import MelVocoder, MelVocoderConfig
 from speechgpt_min.vocoder import UnitVocoder, VocoderConfig
 
 
@@ -54,6 +58,30 @@ def timed(fn):
     return time.perf_counter() - start
 
 
+def median_seconds(fn, runs):
+    fn()  # warm-up
+    return statistics.median(timed(fn) for _ in range(runs))
+
+
+def benchmark_mel(seconds, runs, iterations):
+    """The mel vocoder "toy" preset, float32, durations given (units of 2 and 3 frames, as speech has):
+    -> (parameters, RTF of units -> log-mel, {Griffin-Lim iterations: RTF of log-mel -> waveform})."""
+    torch.manual_seed(0)
+    vocoder = MelVocoder(MelVocoderConfig.from_preset("toy")).eval()
+    n = int(seconds * 50 / 2.5)  # units
+    units = torch.randint(0, vocoder.config.num_embeddings, (1, n))
+    durations = 2 + torch.arange(n)[None] % 2  # (1, n): 2, 3, 2, 3, ... frames
+    audio_seconds = int(durations.sum()) * vocoder.config.code_hop_size / vocoder.config.sampling_rate
+    with torch.inference_mode():
+        model_rtf = median_seconds(lambda: vocoder.units_to_mel(units, durations), runs) / audio_seconds
+        log_mel = vocoder.units_to_mel(units, durations)[0][0]  # (n_mels, frames)
+        griffin_lim_rtf = {}
+        for iters in iterations:
+            vocoder.config.griffin_lim_iters = iters
+            griffin_lim_rtf[iters] = median_seconds(lambda: vocoder.mel_to_wave(log_mel), runs) / audio_seconds
+    return sum(p.numel() for p in vocoder.parameters()), model_rtf, griffin_lim_rtf
+
+
 def benchmark(preset, seconds, runs):
     """Times the generator in float32 and in bfloat16 (weights and activations) on the same units.
     -> {dtype: real-time factor}, parameters, multiply-adds per second of audio, and the bfloat16
@@ -83,7 +111,9 @@ def benchmark(preset, seconds, runs):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=["toy", "unit-hifigan-km1000"])
+    parser.add_argument("--presets", nargs="+", default=["toy", "unit-hifigan-km1000"], help="unit HiFi-GAN presets")
+    parser.add_argument("--griffin-lim-iters", nargs="+", type=int, default=[4, 8, 16, 32],
+                        help="Griffin-Lim iteration counts to time the mel vocoder with")
     parser.add_argument("--seconds", type=float, default=5.0, help="audio length to synthesise")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -92,6 +122,13 @@ def main():
     print(f"torch {torch.__version__}, {args.threads} threads, {args.seconds:g} s of audio, median of {args.runs}")
     peak = {dtype: matmul_gflops(dtype) for dtype in (torch.float32, torch.bfloat16)}
     print(f"1024x1024 matmul: float32 {peak[torch.float32]:.0f} GFLOP/s, bfloat16 {peak[torch.bfloat16]:.0f} GFLOP/s")
+    params, model_rtf, griffin_lim_rtf = benchmark_mel(args.seconds, args.runs, args.griffin_lim_iters)
+    default = MelVocoderConfig().griffin_lim_iters
+    print(f"mel vocoder toy: {params / 1e6:.2f}M params, float32; units -> log-mel RTF {model_rtf:.4f}")
+    for iters, rtf in griffin_lim_rtf.items():
+        print(f"  + Griffin-Lim {iters:>2} iterations: RTF {rtf:.4f}, units -> waveform RTF {model_rtf + rtf:.4f}"
+              + (" (the preset)" if iters == default else ""))
+    print("unit HiFi-GAN:")
     for preset in args.presets:
         rtf, params, macs, snr = benchmark(preset, args.seconds, args.runs)
         gflop = 2 * macs / 1e9  # per second of audio

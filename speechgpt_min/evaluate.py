@@ -3,15 +3,23 @@
     word_error_rate(refs, hyps), char_error_rate(refs, hyps)   # corpus-level: edits / reference length
     unit_edit_distance(ref_units, hyp_units)                    # the same over unit sequences
     exact_match_accuracy(refs, hyps)                            # the text answer, after normalisation
+    cross_voice_similarity(utterances)                          # one sentence's units in two voices
     evaluate_asr(sgpt, items), evaluate_tts(sgpt, items), evaluate_chain(sgpt, items)
+    evaluate_text_questions(sgpt, items), fact_completion_accuracy(sgpt, statements)
     whisper_transcribe(wavs)                                    # an independent recognizer, if installed
+    evaluate_vocoder_speech(vocoder, items, texts)              # what a listener hears: WER, speed
+    speech_whisper_wer(sgpt, unit_lists, texts)                 # the whole speaking chain (TTS, spoken answers)
 
 The evaluation functions take a pipeline.SpeechGPT and decode greedily (temperature 0), so a run's
 numbers are reproducible.
 """
 import re
+import time
 
+import torch
 from tqdm.auto import tqdm
+
+from .vocoder_training import evaluate_vocoder
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -67,6 +75,43 @@ def exact_match_accuracy(refs, hyps, normalize=True):
     return sum(norm(r) == norm(h) for r, h in zip(refs, hyps)) / len(refs)
 
 
+def unit_bigrams(units):
+    return set(zip(units, units[1:]))
+
+
+def jaccard(a, b):
+    return len(a & b) / max(1, len(a | b))
+
+
+def cross_voice_similarity(utterances, max_pairs=2000, seed=0):
+    """How alike are the units of one sentence read by two voices? utterances: (text, voice, units).
+
+    Returns {"same_text", "other_text"}: the mean Jaccard overlap of the unit-bigram sets of two
+    readings of the same text by different voices, and, as the baseline, of two different texts by
+    different voices. Units that encode the words more than the voice have same_text well above
+    other_text; PNMI, measured on a few aligned voices, does not show this. None when no text has
+    two voices.
+    """
+    import random
+    by_text = {}
+    for text, voice, units in utterances:
+        by_text.setdefault(text, []).append((voice, unit_bigrams(list(units))))
+    same = [(a, b) for readings in by_text.values() for i, a in enumerate(readings) for b in readings[i + 1:]
+            if a[0] != b[0]]
+    if not same:
+        return None
+    rng = random.Random(seed)
+    same = rng.sample(same, min(max_pairs, len(same)))
+    flat = [(text, reading) for text, readings in by_text.items() for reading in readings]
+    other = []
+    while len(other) < len(same):
+        (t1, a), (t2, b) = rng.sample(flat, 2)
+        if t1 != t2 and a[0] != b[0]:
+            other.append((a, b))
+    mean = lambda pairs: sum(jaccard(a[1], b[1]) for a, b in pairs) / len(pairs)  # noqa: E731
+    return {"same_text": mean(same), "other_text": mean(other)}
+
+
 # ----------------------------------------------------------------------------- evaluation (greedy)
 
 def _check_items(items, what):
@@ -87,29 +132,56 @@ def evaluate_asr(sgpt, items, max_new_tokens=256, progress=True):
 
 
 def evaluate_tts(sgpt, items, max_new_tokens=512, progress=True):
-    """items: (text, reference units) pairs -> {"unit_edit_distance", "n"} of greedy TTS."""
+    """items: (text, reference units) pairs -> {"unit_edit_distance", "n", "answer_units"} of greedy TTS
+    (answer_units: the generated unit list of each item, for speech_whisper_wer)."""
     items, refs, hyps = _check_items(items, "TTS"), [], []
     for text, units in tqdm(items, desc="eval TTS", disable=not progress):
         hyps.append(sgpt.chat(text=text, task="tts", max_new_tokens=max_new_tokens, temperature=0,
                               speak=False).answer_units)
         refs.append(list(units))
-    return {"unit_edit_distance": unit_edit_distance(refs, hyps), "n": len(refs)}
+    return {"unit_edit_distance": unit_edit_distance(refs, hyps), "n": len(refs), "answer_units": hyps}
 
 
-def evaluate_chain(sgpt, items, max_new_tokens=768, progress=True):
+def evaluate_chain(sgpt, items, max_new_tokens=768, progress=True, speech_answer=True):
     """items: (question units, question text, answer text, answer units) -> greedy spoken dialogue scores:
     transcript_wer, answer_accuracy (exact match of [ta]), speech_answer_unit_edit_distance,
-    well_formed (share of complete responses), n."""
+    well_formed (share of responses that parse whole: transcript, text answer and speech answer), n,
+    answer_units (each spoken answer's units).
+    speech_answer=False stops each response at "[ua]" (faster): only transcript_wer, answer_accuracy, n."""
     items, results = _check_items(items, "chain"), []
     for q_units, _, _, _ in tqdm(items, desc="eval chain", disable=not progress):
         results.append(sgpt.chat(units=q_units, task="dialogue", max_new_tokens=max_new_tokens, temperature=0,
-                                 speak=False))
-    return {"transcript_wer": word_error_rate([q for _, q, _, _ in items], [r.transcript for r in results]),
-            "answer_accuracy": exact_match_accuracy([a for _, _, a, _ in items], [r.text_answer for r in results]),
-            "speech_answer_unit_edit_distance": unit_edit_distance([list(u) for *_, u in items],
-                                                                   [r.answer_units for r in results]),
-            "well_formed": sum(r.response.complete for r in results) / len(results),
-            "n": len(results)}
+                                 speak=False, stop_at=None if speech_answer else "[ua]"))
+    scores = {"transcript_wer": word_error_rate([q for _, q, _, _ in items], [r.transcript for r in results]),
+              "answer_accuracy": exact_match_accuracy([a for _, _, a, _ in items], [r.text_answer for r in results]),
+              "n": len(results)}
+    if speech_answer:
+        scores["speech_answer_unit_edit_distance"] = unit_edit_distance([list(u) for *_, u in items],
+                                                                        [r.answer_units for r in results])
+        scores["well_formed"] = sum(r.response.complete and bool(r.transcript and r.text_answer and r.answer_units)
+                                    for r in results) / len(results)
+        scores["answer_units"] = [r.answer_units for r in results]
+    return scores
+
+
+def evaluate_text_questions(sgpt, items, max_new_tokens=64, progress=True):
+    """items: (typed question, answer text) -> exact-match accuracy of the greedy text answer ([ta])."""
+    items = _check_items(items, "typed question")
+    answers = [sgpt.chat(text=q, temperature=0, speak=False, max_new_tokens=max_new_tokens, stop_at="[ua]").text_answer
+               for q, _ in tqdm(items, desc="eval typed questions", disable=not progress)]
+    return exact_match_accuracy([a for _, a in items], answers)
+
+
+def fact_completion_accuracy(sgpt, statements, max_new_tokens=4):
+    """Share of statements ("the owl says hoot") whose last word the LM gives, greedily, after the rest
+    ("the owl says"): what a text-pretrained model knows, before it learns to answer questions."""
+    statements = _check_items(statements, "statement")
+    hits = 0
+    for statement in statements:
+        *head, last = statement.split()
+        words = sgpt.generate(" ".join(head), max_new_tokens, temperature=0).split()
+        hits += bool(words) and words[0] == last
+    return hits / len(statements)
 
 
 # ----------------------------------------------------------------------------- an independent recognizer
@@ -146,3 +218,57 @@ def whisper_transcribe(wavs, progress=True):
         segments, _ = model.transcribe(samples, language="en", beam_size=1)
         texts.append(spell_numbers(" ".join(segment.text for segment in segments)))
     return texts
+
+
+WHISPER_MISSING = "Whisper is not installed (pip install -e \".[eval]\"), so the Whisper WER keys are null"
+
+
+def whisper_wer(texts, wavs, progress=True):
+    """Corpus WER of Whisper's transcripts of 16 kHz wavs against texts; None where Whisper is not installed."""
+    return word_error_rate(texts, whisper_transcribe(wavs, progress)) if whisper_available() else None
+
+
+# ----------------------------------------------------------------------------- what a listener hears
+
+@torch.inference_mode()
+def evaluate_vocoder_speech(vocoder, items, texts, speech_to_units=None, progress=True):
+    """How well a vocoder speaks held-out utterances of its voice, resynthesised from their units.
+
+    items: (wav (T,), units (N,), durations (N,)) per utterance; texts: what each one says.
+    speech_to_units: wav -> unit list (the pipeline's ears), to re-encode the resynthesised speech.
+    Returns mel_l1 (true durations, vocoder_training.evaluate_vocoder); rtf (seconds of compute per
+    second of speech, units -> waveform with predicted durations, one utterance at a time); Whisper
+    WER of the resynthesis with predicted durations (whisper_wer, what a listener of SpeechGPT hears),
+    with the true ones (whisper_wer_true_durations) and of the original audio (whisper_wer_original),
+    None without Whisper; and resynthesis_unit_edit_distance where speech_to_units is given.
+    """
+    items, scores = list(items), {}
+    scores["mel_l1"] = evaluate_vocoder(vocoder, items)
+    spoken, compute = [], 0.0
+    for _, units, _ in items:
+        start = time.perf_counter()
+        spoken.append(vocoder(units.long()[None])[0])  # (samples,)
+        compute += time.perf_counter() - start
+    scores["rtf"] = compute / (sum(len(w) for w in spoken) / 16000)
+    if speech_to_units is not None:
+        scores["resynthesis_unit_edit_distance"] = unit_edit_distance([u.tolist() for _, u, _ in items],
+                                                                      [speech_to_units(w) for w in spoken])
+    scores["whisper_wer"] = whisper_wer(texts, spoken, progress)
+    if scores["whisper_wer"] is not None:
+        true_durations = [vocoder(u.long()[None], d.long()[None])[0] for _, u, d in items]
+        scores["whisper_wer_true_durations"] = whisper_wer(texts, true_durations, progress)
+        scores["whisper_wer_original"] = whisper_wer(texts, [wav for wav, _, _ in items], progress)
+    else:
+        scores["whisper_wer_true_durations"] = scores["whisper_wer_original"] = None
+    return scores
+
+
+def speech_whisper_wer(sgpt, unit_lists, texts, progress=True):
+    """The whole speaking chain: speak each generated unit list with the pipeline's vocoder (durations
+    predicted) and score Whisper's transcripts against the texts they should say. An empty list says
+    nothing (every word missed). None without a vocoder or without Whisper."""
+    if sgpt.vocoder is None or not whisper_available():
+        return None
+    spoken = {i: sgpt.units_to_speech(units) for i, units in enumerate(unit_lists) if units}
+    heard = dict(zip(spoken, whisper_transcribe(list(spoken.values()), progress)))
+    return word_error_rate(texts, [heard.get(i, "") for i in range(len(texts))])

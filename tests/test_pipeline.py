@@ -103,7 +103,9 @@ from speechgpt_min.data import (ASR_INSTRUCTIONS, CHAIN_TEMPLATE, SYSTEM_PROMPT,
 from speechgpt_min.hubert import HuBERT, HubertConfig  # noqa: E402
 from speechgpt_min.lora import LoRAConfig, inject, lora_layers, save_adapter  # noqa: E402
 from speechgpt_min.model import LMConfig, Transformer  # noqa: E402
-from speechgpt_min.evaluate import evaluate_asr, evaluate_chain, evaluate_tts  # noqa: E402
+import speechgpt_min.evaluate as evaluate  # noqa: E402
+from speechgpt_min.evaluate import evaluate_asr, evaluate_chain, evaluate_tts, speech_whisper_wer  # noqa: E402
+from speechgpt_min.mel_vocoder import MelVocoder, MelVocoderConfig  # noqa: E402
 from speechgpt_min.pipeline import ChatResult, PipelineError, SpeechGPT  # noqa: E402
 from speechgpt_min.tokenizer import Tokenizer  # noqa: E402
 from speechgpt_min.units import KMeans  # noqa: E402
@@ -133,8 +135,8 @@ def make_run(directory, seed=0):
     for layer in lora_layers(lm).values():
         torch.nn.init.normal_(layer.lora_B.weight, std=0.5)  # a non-zero update, so loading it shows
     save_adapter(lm, run / "stage3" / "adapter", lora)
-    UnitVocoder(VocoderConfig(num_embeddings=K, embedding_dim=8, upsample_initial_channel=32,
-                              dur_hidden_dim=8)).save_pretrained(run / "vocoder")
+    MelVocoder(MelVocoderConfig(num_embeddings=K, channels=8, encoder_layers=1, decoder_dilations=(1,),
+                                dur_hidden_dim=8)).save_pretrained(run / "vocoder")  # the kind train.py trains
     (run / "report.json").write_text("{}\n")
     return run, lm
 
@@ -250,7 +252,7 @@ def test_evaluation_scores_a_perfect_and_a_random_model(sgpt, monkeypatch):
     chain = [([1, 2], "what is two plus two", "four", [7, 8]), ([3], "two plus two", "four", [5])]
     for scores in (evaluate_asr(sgpt, asr, 16, False), evaluate_tts(sgpt, tts, 16, False),
                    evaluate_chain(sgpt, chain, 16, False)):  # random weights: any scores, well formed
-        assert scores["n"] == 2 and all(v >= 0 for v in scores.values())
+        assert scores["n"] == 2 and all(v >= 0 for k, v in scores.items() if k != "answer_units")
 
     answers = {}  # prompt -> the right response, as a perfectly trained model would write it
     for units, text in asr:
@@ -261,10 +263,27 @@ def test_evaluation_scores_a_perfect_and_a_random_model(sgpt, monkeypatch):
         answers[sgpt.prompt("dialogue", q_units)] = chain_dialogue("s2s", q, a, q_units, a_units).response
     monkeypatch.setattr(sgpt, "generate", lambda prompt, *args: answers[prompt])
     assert evaluate_asr(sgpt, asr, progress=False) == {"wer": 0.0, "cer": 0.0, "n": 2}
-    assert evaluate_tts(sgpt, tts, progress=False) == {"unit_edit_distance": 0.0, "n": 2}
+    assert evaluate_tts(sgpt, tts, progress=False) == {"unit_edit_distance": 0.0, "n": 2, "answer_units": [[1, 2, 3], [9]]}
     assert evaluate_chain(sgpt, chain, progress=False) == {
         "transcript_wer": 0.0, "answer_accuracy": 1.0, "speech_answer_unit_edit_distance": 0.0,
-        "well_formed": 1.0, "n": 2}
+        "well_formed": 1.0, "n": 2, "answer_units": [[7, 8], [5]]}
+
+
+def test_speaking_chain_is_heard_by_whisper_where_installed(sgpt, monkeypatch):
+    """speech_whisper_wer speaks each unit list with the run's vocoder and scores what Whisper hears;
+    an empty answer is silence (every word missed); without Whisper the score is None."""
+    monkeypatch.setattr(evaluate, "whisper_available", lambda: False)
+    assert speech_whisper_wer(sgpt, [[1, 2]], ["two"]) is None
+    heard = []
+
+    def whisper(wavs, progress=True):
+        heard.extend(wavs)
+        return ["two plus two"] * len(wavs)
+
+    monkeypatch.setattr(evaluate, "whisper_available", lambda: True)
+    monkeypatch.setattr(evaluate, "whisper_transcribe", whisper)
+    assert speech_whisper_wer(sgpt, [[1, 2, 3], []], ["two plus two", "is four"]) == pytest.approx(2 / 5)
+    assert len(heard) == 1 and heard[0].dim() == 1 and len(heard[0]) >= 3 * 320  # one waveform, 3 units long
 
 
 def test_user_errors_name_the_problem(sgpt, run, tmp_path):

@@ -323,3 +323,30 @@ def test_mel_vocoder_training_lowers_its_losses():
     assert last < 0.6 * first, (first, last)
     assert history[-1]["dur"] < history[0]["dur"]
     assert history[-1]["lr"] < history[len(history) // 2]["lr"] < 1e-2  # warm-up then cosine decay
+
+
+def test_evaluate_vocoder_speech_scores_what_a_listener_hears(monkeypatch):
+    """Mel L1, speed and re-encoding always; the three Whisper WERs where Whisper is installed, else None."""
+    import speechgpt_min.evaluate as evaluate
+    torch.manual_seed(0)
+    vocoder = MelVocoder(SMALL_MEL).eval()
+    items, texts = tone_dataset(num_items=2), ["one tone", "two tones"]
+    units = items[0][1]
+    monkeypatch.setattr(evaluate, "whisper_available", lambda: False)
+    ears = iter([units.tolist(), []])  # re-encodes the first resynthesis perfectly, hears nothing in the second
+    scores = evaluate.evaluate_vocoder_speech(vocoder, items, texts, speech_to_units=lambda wav: next(ears), progress=False)
+    assert scores["mel_l1"] > 0 and scores["rtf"] > 0
+    assert scores["resynthesis_unit_edit_distance"] == pytest.approx(6 / 12)  # 6 + 6 units, the second's 6 missed
+    assert scores["whisper_wer"] is scores["whisper_wer_true_durations"] is scores["whisper_wer_original"] is None
+    heard = []
+
+    def whisper(wavs, progress=True):  # hears the originals right and everything else as "tones"
+        heard.append(len(wavs))
+        return list(texts) if len(heard) == 3 else ["tones"] * len(wavs)
+
+    monkeypatch.setattr(evaluate, "whisper_available", lambda: True)
+    monkeypatch.setattr(evaluate, "whisper_transcribe", whisper)
+    scores = evaluate.evaluate_vocoder_speech(vocoder, items, texts, progress=False)
+    assert heard == [2, 2, 2] and "resynthesis_unit_edit_distance" not in scores
+    assert scores["whisper_wer"] == scores["whisper_wer_true_durations"] == pytest.approx(3 / 4)
+    assert scores["whisper_wer_original"] == 0.0
