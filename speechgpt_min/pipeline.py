@@ -33,9 +33,10 @@ from .data import (ASR_INSTRUCTIONS, CHAIN_TEMPLATE, END_OF_ANSWER, INFERENCE_TE
                    SYSTEM_PROMPT, TTS_INSTRUCTIONS, encode_prompt, speech_text)
 from .hubert import HuBERT
 from .lora import load_adapter, merge_and_unload
+from .phones import PhoneRecognizer
 from .tokenizer import HF_FILE, SENTENCEPIECE_FILE, WORD_FILE, Tokenizer
-from .units import EOSP, SOSP, KMeans, speech_to_deduped_units
-from .vocoder import UnitVocoder
+from .units import EOSP, SOSP, KMeans, dedup, speech_to_deduped_units
+from .mel_vocoder import load_vocoder
 from .weights import load_pretrained
 
 TASKS = ("dialogue", "asr", "tts")
@@ -194,15 +195,20 @@ def _device(device):
 
 
 class SpeechGPT:
-    """LM + tokenizer, with the optional ears (HuBERT + k-means) and voice (unit vocoder)."""
+    """LM + tokenizer, with the optional ears (HuBERT + k-means, or the toy's phone recogniser) and
+    voice (a unit vocoder of either kind: UnitVocoder or MelVocoder, both `vocoder(units (B, N)) -> (B, samples)`
+    at 16 kHz)."""
 
     def __init__(self, lm, tokenizer, encoder=None, layer=None, kmeans=None, vocoder=None, prompts="trained",
-                 system_prompt=SYSTEM_PROMPT):
+                 system_prompt=SYSTEM_PROMPT, phones=None):
         if lm.config.vocab_size < tokenizer.vocab_size:
             raise PipelineError(f"the LM has {lm.config.vocab_size} token embeddings but the tokenizer "
                                 f"{tokenizer.vocab_size} tokens")
         if (encoder is None) != (kmeans is None):
             raise PipelineError("speech input needs both the HuBERT encoder and its k-means")
+        if phones is not None and (encoder is not None or phones.n_units != tokenizer.n_units):
+            raise PipelineError(f"a phone recogniser hears alone, with as many phones ({phones.n_units}) as the "
+                                f"tokenizer has units ({tokenizer.n_units})")
         if kmeans is not None:
             if kmeans.n_clusters != tokenizer.n_units:
                 raise PipelineError(f"the k-means has {kmeans.n_clusters} clusters but the tokenizer "
@@ -214,7 +220,7 @@ class SpeechGPT:
             raise PipelineError(f"the vocoder speaks {vocoder.config.num_embeddings} units but the tokenizer "
                                 f"has {tokenizer.n_units}")
         self.lm, self.tokenizer = lm.eval(), tokenizer
-        self.encoder, self.layer, self.kmeans, self.vocoder = encoder, layer, kmeans, vocoder
+        self.encoder, self.layer, self.kmeans, self.vocoder, self.phones = encoder, layer, kmeans, vocoder, phones
         self.prompts = prompt_format(prompts) if isinstance(prompts, str) else prompts
         self.system_prompt = system_prompt
         self.device = lm.embed_tokens.weight.device
@@ -225,7 +231,8 @@ class SpeechGPT:
 
     @classmethod
     def from_parts(cls, lm_dir, adapter_dir=None, hubert_dir=None, hubert_layer=None, kmeans_path=None,
-                   vocoder_path=None, tokenizer_dir=None, prompts="released", dtype=torch.float32, device="auto"):
+                   vocoder_path=None, tokenizer_dir=None, prompts="released", dtype=torch.float32, device="auto",
+                   phones_dir=None):
         """Assemble from separate checkpoints (the released artifacts, or a run's parts).
 
         lm_dir: HF LLaMA directory (config.json, safetensors or pytorch_model.bin; tokenizer files
@@ -233,7 +240,9 @@ class SpeechGPT:
         adapter_dir: PEFT LoRA adapter, merged into the LM. hubert_dir: our or an HF HuBERT directory;
         hubert_layer: its unit layer (None: unit_layer.json in hubert_dir, else 11 as released).
         kmeans_path: a k-means directory (KMeans.save_pretrained) or a scikit-learn joblib file.
-        vocoder_path: a vocoder directory or checkpoint file with config.json beside it.
+        vocoder_path: a vocoder directory or checkpoint file with config.json beside it, of either kind
+            (the released unit HiFi-GAN, or the toy's mel vocoder; mel_vocoder.load_vocoder).
+        phones_dir: a PhoneRecognizer directory (the toy's ears; instead of hubert_dir and kmeans_path).
         """
         device = _device(device)
         try:
@@ -258,12 +267,13 @@ class SpeechGPT:
             kmeans = (KMeans.from_pretrained(kmeans_path) if kmeans_path.is_dir() else KMeans.from_joblib(kmeans_path))
         vocoder = None
         if vocoder_path is not None:
-            vocoder = UnitVocoder.from_pretrained(vocoder_path).remove_weight_norm().to(device)
-        return cls(lm, tokenizer, encoder, hubert_layer, kmeans, vocoder, prompts)
+            vocoder = load_vocoder(vocoder_path).to(device)
+        phones = PhoneRecognizer.from_pretrained(phones_dir) if phones_dir is not None else None
+        return cls(lm, tokenizer, encoder, hubert_layer, kmeans, vocoder, prompts, phones=phones)
 
     @classmethod
     def from_run(cls, run_dir, device="auto"):
-        """Assemble a run made by train.py: stage2/model (+ stage3/adapter), hubert/, kmeans/, vocoder/."""
+        """Assemble a run made by train.py: stage2/model (+ stage3/adapter), phones/ or hubert/ + kmeans/, vocoder/."""
         run = Path(run_dir)
         if not run.is_dir():
             raise PipelineError(f"{run}: no such run directory (make one with `python train.py`)")
@@ -273,21 +283,27 @@ class SpeechGPT:
                                 f"to the end of stage 2)")
         has_tokenizer = any((lm_dir / name).exists() for name in (SENTENCEPIECE_FILE, HF_FILE, WORD_FILE))
         adapter = run / "stage3" / "adapter"
-        hubert, kmeans, vocoder = run / "hubert", run / "kmeans", run / "vocoder"
+        hubert, kmeans, vocoder, phones = run / "hubert", run / "kmeans", run / "vocoder", run / "phones"
+        hears_phones = phones.is_dir()  # the units step made a phone recogniser, or a HuBERT and its k-means
         return cls.from_parts(lm_dir, adapter if adapter.is_dir() else None,
-                              hubert if hubert.is_dir() else None, None, kmeans if kmeans.is_dir() else None,
+                              hubert if hubert.is_dir() and not hears_phones else None, None,
+                              kmeans if kmeans.is_dir() and not hears_phones else None,
                               vocoder if (vocoder / "config.json").is_file() else None,
                               tokenizer_dir=None if has_tokenizer else run / "tokenizer", prompts="trained",
-                              device=device)
+                              device=device, phones_dir=phones if hears_phones else None)
 
     # ------------------------------------------------------------------------- the parts
 
     def speech_to_units(self, wav, sr=SAMPLE_RATE):
         """Speech -> deduplicated unit ids. wav: a file path, or samples (T,) / (T, channels) at `sr`."""
-        if self.encoder is None:
-            raise PipelineError("this SpeechGPT has no ears: load a HuBERT encoder and its k-means to hear speech")
+        if self.encoder is None and self.phones is None:
+            raise PipelineError("this SpeechGPT has no ears: load a HuBERT encoder and its k-means (or a phone "
+                                "recogniser) to hear speech")
         wav = load_audio(wav) if isinstance(wav, (str, Path)) else load_audio(wav, sr=sr)
-        units, _ = speech_to_deduped_units([wav.to(self.device)], self.encoder, self.layer, self.kmeans)[0]
+        if self.phones is not None:
+            units, _ = dedup(self.phones.units(wav))
+        else:
+            units, _ = speech_to_deduped_units([wav.to(self.device)], self.encoder, self.layer, self.kmeans)[0]
         if len(units) == 0:
             raise PipelineError("the audio is too short to give a single speech unit (25 ms at least)")
         return units.tolist()
@@ -321,12 +337,13 @@ class SpeechGPT:
 
     @torch.inference_mode()
     def generate(self, prompt_text, max_new_tokens=2048, temperature=0.7, top_p=0.8, top_k=50, seed=None,
-                 on_text=None):
+                 on_text=None, stop_at=None):
         """Continue prompt_text; returns the new text, ending with "<eoa>" when the model finished.
 
         Stops at "<eoa>" in the text (it is ordinary text, not a token), at EOS or <eos>, at
-        max_new_tokens, or at the end of the model's context. on_text(str) receives each new piece
-        of text as it is generated (for streaming). temperature 0: greedy.
+        max_new_tokens, at the end of the model's context, or, if given, once the text `stop_at`
+        appears (e.g. "[ua]": the text answer is all an evaluation needs). on_text(str) receives each
+        new piece of text as it is generated (for streaming). temperature 0: greedy.
         """
         ids = encode_prompt(self.tokenizer, prompt_text)
         room = self.lm.config.max_seq_len - len(ids)
@@ -345,7 +362,7 @@ class SpeechGPT:
             except ValueError:  # an id the tokenizer does not assign (a padded embedding row): end here
                 break
             new.append(token)
-            done = END_OF_ANSWER in text
+            done = END_OF_ANSWER in text or (stop_at is not None and stop_at in text)
             if done:
                 text = text[:text.index(END_OF_ANSWER) + len(END_OF_ANSWER)]
             if on_text is not None:
@@ -358,11 +375,12 @@ class SpeechGPT:
         return text
 
     def chat(self, wav=None, text=None, units=None, task="dialogue", max_new_tokens=2048, temperature=0.7, top_p=0.8,
-             top_k=50, seed=None, on_text=None, speak=True):
+             top_k=50, seed=None, on_text=None, speak=True, stop_at=None):
         """One exchange. Speech comes in as `wav` (path or 16 kHz samples) or as `units`; text as `text`.
 
         task: "dialogue" (speech or text question -> chain of modality answer), "asr" (speech ->
-        text), "tts" (text -> speech). speak=False skips the vocoder (waveform None).
+        text), "tts" (text -> speech). speak=False skips the vocoder (waveform None); stop_at ends
+        the response early where that text appears (see `generate`).
         """
         if wav is not None and units is not None:
             raise PipelineError("give the speech either as wav or as units, not both")
@@ -374,7 +392,7 @@ class SpeechGPT:
             if not question_units or not all(0 <= u < self.tokenizer.n_units for u in question_units):
                 raise PipelineError(f"speech units must be a non-empty list of ids in 0..{self.tokenizer.n_units - 1}")
         prompt = self.prompt(task, question_units, text)
-        generated = self.generate(prompt, max_new_tokens, temperature, top_p, top_k, seed, on_text)
+        generated = self.generate(prompt, max_new_tokens, temperature, top_p, top_k, seed, on_text, stop_at)
         response = parse_response(generated, self.tokenizer.n_units)
         transcript = response.text_answer if task == "asr" else response.transcript
         text_answer = response.text_answer if task == "dialogue" else None

@@ -53,7 +53,7 @@ def _speaking(monkeypatch):
     answer = "[ta] four; [ua] <sosp><3><5><eosp><eoa>"
 
     def generate(self, prompt_text, max_new_tokens=2048, temperature=0.7, top_p=0.8, top_k=50, seed=None,
-                 on_text=None):
+                 on_text=None, stop_at=None):
         if on_text is not None:
             on_text(answer)
         return answer

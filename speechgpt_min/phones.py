@@ -1,0 +1,240 @@
+"""Phone units: the toy's stand-in for mHuBERT's units, a small phone recogniser.
+
+SpeechGPT hears through mHuBERT units: k-means clusters of a HuBERT pretrained on thousands of hours
+of speech, phonetic enough that a 7B LM learns to read them in every voice. A HuBERT pretrained for a
+few CPU minutes on tiny_data cannot give that: its units spell the voice as much as the words, and a
+toy LM fed them learns ASR far slower than one fed true phones (README, "Speech to units"). So the
+toy hears through phones, learnt the way speech recognisers bootstrap:
+
+    features   13 MFCCs + deltas (39-d, 50 Hz, frame-aligned with HuBERT's), normalised per utterance
+               (mean and variance: that alone removes much of a voice's colour)
+    model      dilated 1-D convolutions over the frames -> a phone per 20 ms frame
+    round 1    learn the frames of the voices festival aligned (its phone alignments)
+    round 2    forced-align every other training utterance: its phones are known from its text (the
+               corpus's pronunciation), round 1's posteriors place them in time (Viterbi); learn all
+    units      the most likely phone of each frame, repeats merged: <sosp><12><7>...<eosp>, ids
+               into the phone list, exactly as k-means units are spelled; durations for the vocoder
+
+    features = [normalised_mfcc(wav) for wav in wavs]
+    recognizer = train_phone_recognizer(features, labels, pronunciations)  # labels: frame phones or None
+    units = recognizer.recognize(features)                                # per utterance (T',) phone ids
+    units = recognizer.units(wav)                                         # one waveform -> (T',) phone ids
+"""
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .hubert_training import mfcc_features
+
+FORMAT = "speechgpt_min.phone_recognizer"
+
+
+@dataclass
+class PhoneRecognizerConfig:
+    phones: list = field(default_factory=list)  # the unit inventory: unit id i is phones[i]
+    channels: int = 192
+    dilations: tuple = (1, 2, 4, 8, 1, 2, 4, 8)  # receptive field: 2 * sum + 5 frames (about 1.4 s)
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        self.dilations = tuple(self.dilations)
+        if len(set(self.phones)) != len(self.phones):
+            raise ValueError("the phone list has duplicates")
+
+
+def n_frames(wav):
+    """Frames of a waveform at 50 Hz, as HuBERT's conv front end counts them: floor((T - 400) / 320) + 1."""
+    return (len(wav) - 400) // 320 + 1
+
+
+def normalised_mfcc(wav):
+    """wav (T,) at 16 kHz -> (T', 39) MFCCs with deltas, zero mean and unit variance over the utterance."""
+    features = mfcc_features(wav)
+    return (features - features.mean(0)) / (features.std(0) + 1e-5)
+
+
+class ResidualConv(nn.Module):
+    """x + conv(relu(conv(x))): a dilated convolution that sees `dilation` frames to each side."""
+
+    def __init__(self, channels, dilation, dropout):
+        super().__init__()
+        self.conv = nn.Conv1d(channels, channels, 3, padding=dilation, dilation=dilation)
+        self.mix = nn.Conv1d(channels, channels, 1)
+        self.norm = nn.GroupNorm(1, channels)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):  # (B, C, T) -> (B, C, T)
+        return x + self.dropout(self.mix(F.gelu(self.conv(self.norm(x)))))
+
+
+class PhoneRecognizer(nn.Module):
+    """Normalised MFCC frames -> phone logits per frame."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.inp = nn.Conv1d(39, config.channels, 5, padding=2)
+        self.blocks = nn.ModuleList(ResidualConv(config.channels, d, config.dropout) for d in config.dilations)
+        self.out = nn.Conv1d(config.channels, len(config.phones), 1)
+
+    def forward(self, features):  # (B, T, 39) -> (B, T, phones)
+        x = self.inp(features.transpose(1, 2))  # (B, C, T)
+        for block in self.blocks:
+            x = block(x)
+        return self.out(x).transpose(1, 2)
+
+    @property
+    def n_units(self):
+        return len(self.config.phones)
+
+    @torch.no_grad()
+    def log_probs(self, features):
+        """(T, 39) normalised MFCCs -> (T, phones) log-posteriors."""
+        self.eval()
+        return F.log_softmax(self(features[None].to(self.inp.weight.device))[0], dim=-1).cpu()
+
+    def units(self, wav):
+        """wav (T,) at 16 kHz -> (T',) long: the most likely phone of every 20 ms frame."""
+        return self.log_probs(normalised_mfcc(wav.float().cpu())).argmax(-1)
+
+    @torch.no_grad()
+    def recognize(self, features, batch_size=32, log_probs=False, progress=False):
+        """Many utterances at once: list of (T_i, 39) normalised MFCCs -> list of (T_i,) phone ids
+        (or, with log_probs, of (T_i, phones) log-posteriors)."""
+        self.eval()
+        order = sorted(range(len(features)), key=lambda i: len(features[i]))  # little padding
+        out = [None] * len(features)
+        for start in tqdm(range(0, len(order), batch_size), desc="phone units", disable=not progress):
+            batch = order[start:start + batch_size]
+            x = nn.utils.rnn.pad_sequence([features[i] for i in batch], batch_first=True)  # (B, T, 39)
+            logits = self(x.to(self.inp.weight.device)).cpu()  # (B, T, phones)
+            result = F.log_softmax(logits, dim=-1) if log_probs else logits.argmax(-1)
+            for row, i in enumerate(batch):
+                out[i] = result[row, :len(features[i])]
+        return out
+
+    def save_pretrained(self, directory):
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps({"format": FORMAT, **asdict(self.config)}, indent=1) + "\n")
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, directory / "model.safetensors")
+
+    @classmethod
+    def from_pretrained(cls, directory):
+        directory = Path(directory)
+        config = json.loads((directory / "config.json").read_text())
+        if config.pop("format", None) != FORMAT:
+            raise ValueError(f"{directory}: not a phone recognizer (config.json format is not {FORMAT!r})")
+        model = cls(PhoneRecognizerConfig(**config))
+        model.load_state_dict(load_file(directory / "model.safetensors"), strict=True)
+        return model.eval()
+
+
+# ----------------------------------------------------------------------------- forced alignment
+
+def forced_align(log_probs, phone_ids):
+    """Where each phone of a known sequence lies in time: the Viterbi path through log_probs (T, P)
+    that visits phone_ids (N,) in order, each for at least one frame. -> (T,) phone id per frame.
+    The frames must outnumber the phones (T >= N)."""
+    return forced_align_batch([log_probs], [phone_ids])[0]
+
+
+def forced_align_batch(log_probs, phone_ids):
+    """`forced_align` of many utterances at once (one dynamic programme over the padded batch).
+    log_probs: list of (T_i, P); phone_ids: list of (N_i,) with N_i <= T_i. -> list of (T_i,)."""
+    B, T, N = len(log_probs), max(len(lp) for lp in log_probs), max(len(ids) for ids in phone_ids)
+    emit = np.full((B, T, N), -1e9)  # emit[b, t, n]: frame t of utterance b as its n-th phone
+    for b, (lp, ids) in enumerate(zip(log_probs, phone_ids)):
+        if len(ids) > len(lp):
+            raise ValueError(f"utterance {b}: {len(ids)} phones cannot fit in {len(lp)} frames")
+        emit[b, :len(lp), :len(ids)] = np.asarray(lp, dtype=np.float64)[:, ids]
+    score = np.full((B, N), -np.inf)
+    score[:, 0] = emit[:, 0, 0]
+    moved = np.zeros((B, T, N), dtype=bool)  # frame t entered phone n from phone n - 1
+    for t in range(1, T):
+        advance = np.concatenate([np.full((B, 1), -np.inf), score[:, :-1]], axis=1)
+        moved[:, t] = advance > score
+        score = np.maximum(score, advance) + emit[:, t]
+    paths = []
+    for b, (lp, ids) in enumerate(zip(log_probs, phone_ids)):
+        path, n = np.empty(len(lp), dtype=np.int64), len(ids) - 1  # it ends on the last phone, at the last frame
+        for t in range(len(lp) - 1, -1, -1):
+            path[t] = n
+            n -= moved[b, t, n]
+        paths.append(torch.from_numpy(np.asarray(ids)[path]))
+    return paths
+
+
+# ----------------------------------------------------------------------------- training
+
+def _epochs(model, inputs, targets, epochs, lr, batch_size, rng, desc, progress):
+    """AdamW over batches of whole utterances (similar lengths together), cross-entropy per frame."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    steps, step = epochs * len(batches), 0
+    model.train()
+    bar = tqdm(total=steps, desc=desc, disable=not progress)
+    for _ in range(epochs):
+        rng.shuffle(batches)
+        for batch in batches:
+            for group in optimizer.param_groups:  # linear decay to zero
+                group["lr"] = lr * (1 - step / steps)
+            x = nn.utils.rnn.pad_sequence([inputs[i] for i in batch], batch_first=True)  # (B, T, 39)
+            y = nn.utils.rnn.pad_sequence([targets[i] for i in batch], batch_first=True, padding_value=-100)
+            loss = F.cross_entropy(model(x).transpose(1, 2), y, ignore_index=-100)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return model.eval()
+
+
+def train_phone_recognizer(features, frame_labels, pronunciations, config=None, epochs=(2, 2), lr=2e-3,
+                           batch_size=16, seed=0, progress=True):
+    """The two rounds of the module docstring.
+
+    features: list of (T_i, 39) normalised MFCCs of the training speech (`normalised_mfcc`).
+    frame_labels: per utterance, its phones per 50 Hz frame (a list of phone names, e.g. from
+        units.frame_phones of a festival alignment), or None where the voice has no alignment.
+    pronunciations: per utterance, its text's phones in order (names), used to force-align the others.
+    epochs: (round 1, round 2). Returns the trained PhoneRecognizer.
+    """
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    names = sorted({p for labels in frame_labels if labels for p in labels} | {p for ps in pronunciations for p in ps})
+    config = config or PhoneRecognizerConfig()
+    config.phones = names
+    index = {p: i for i, p in enumerate(names)}
+    model = PhoneRecognizer(config)
+
+    aligned = [i for i, labels in enumerate(frame_labels) if labels is not None]
+    if not aligned:
+        raise ValueError("round 1 needs some utterances with frame labels (phone alignments)")
+    targets = {i: torch.tensor([index[p] for p in frame_labels[i][:len(features[i])]]) for i in aligned}
+    for i in aligned:  # an alignment a frame short of the features: the last phone goes on
+        targets[i] = F.pad(targets[i], (0, len(features[i]) - len(targets[i])), value=int(targets[i][-1]))
+    _epochs(model, [features[i] for i in aligned], [targets[i] for i in aligned], epochs[0], lr, batch_size, rng,
+            "phones, round 1", progress)
+
+    others = [i for i in range(len(features)) if i not in targets
+              and len(pronunciations[i]) <= len(features[i])]  # (a text too long for its audio is left out)
+    posteriors = model.recognize([features[i] for i in others], log_probs=True, progress=progress)
+    for start in tqdm(range(0, len(others), 256), desc="forced alignment", disable=not progress):
+        batch = others[start:start + 256]
+        ids = [[index[p] for p in pronunciations[i]] for i in batch]
+        targets.update(zip(batch, forced_align_batch(posteriors[start:start + 256], ids)))
+    chosen = sorted(targets)
+    return _epochs(model, [features[i] for i in chosen], [targets[i] for i in chosen], epochs[1], lr / 2, batch_size,
+                   rng, "phones, round 2", progress)

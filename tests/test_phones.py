@@ -1,0 +1,84 @@
+"""Phone units: forced alignment (against a brute force), batching, training on a synthetic corpus
+that a recognizer can learn, and save/load."""
+import itertools
+
+import pytest
+import torch
+
+from speechgpt_min.phones import (
+    PhoneRecognizer, PhoneRecognizerConfig, forced_align, forced_align_batch, normalised_mfcc, train_phone_recognizer,
+)
+
+
+def brute_force_align(log_probs, ids):
+    """Every way to give each phone of ids at least one frame, in order: the best total score."""
+    T, N = len(log_probs), len(ids)
+    best, best_path = -float("inf"), None
+    for cuts in itertools.combinations(range(1, T), N - 1):  # where phone n + 1 starts
+        bounds = (0,) + cuts + (T,)
+        path = [ids[n] for n in range(N) for _ in range(bounds[n + 1] - bounds[n])]
+        score = sum(float(log_probs[t, p]) for t, p in enumerate(path))
+        if score > best:
+            best, best_path = score, path
+    return best_path
+
+
+def test_forced_align_is_the_best_monotonic_path():
+    torch.manual_seed(0)
+    for T, ids in [(7, [2, 0, 3]), (6, [1, 1, 4, 2]), (5, [3]), (4, [0, 1, 2, 3])]:
+        log_probs = torch.randn(T, 5).log_softmax(-1)
+        assert forced_align(log_probs, ids).tolist() == brute_force_align(log_probs, ids)
+
+
+def test_batched_alignment_equals_one_at_a_time():
+    torch.manual_seed(1)
+    lps = [torch.randn(T, 6).log_softmax(-1) for T in (9, 4, 12)]
+    ids = [[0, 5, 2], [1, 3], [4, 4, 0, 2, 1]]
+    assert [p.tolist() for p in forced_align_batch(lps, ids)] == [forced_align(lp, i).tolist() for lp, i in zip(lps, ids)]
+    with pytest.raises(ValueError, match="cannot fit"):
+        forced_align(torch.zeros(2, 3), [0, 1, 2])
+
+
+def tone_utterance(phones, rng):
+    """A waveform whose every 'phone' is a tone of its own pitch, 3-6 frames long; its frame labels."""
+    pitch = {"a": 300.0, "b": 700.0, "c": 1500.0}
+    wav, labels = [], []
+    for p in phones:
+        frames = int(rng.integers(3, 7))
+        t = torch.arange(frames * 320) / 16000
+        wav.append(torch.sin(2 * torch.pi * pitch[p] * t) * (0.3 + 0.2 * rng.random()))
+        labels += [p] * frames
+    wav = torch.cat(wav + [torch.zeros(80)])  # (T,) long enough for every labelled frame
+    return wav, labels
+
+
+def test_training_learns_a_phone_inventory_and_round_trips(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    texts = [[str(p) for p in rng.choice(list("abc"), size=6)] for _ in range(40)]
+    utterances = [tone_utterance(text, rng) for text in texts]
+    features = [normalised_mfcc(wav) for wav, _ in utterances]
+    labels = [lab if i % 2 == 0 else None for i, (_, lab) in enumerate(utterances)]  # half aligned
+    recognizer = train_phone_recognizer(features, labels, texts, PhoneRecognizerConfig(channels=32, dilations=(1, 2)),
+                                        epochs=(8, 4), lr=5e-3, batch_size=8, progress=False)
+    assert recognizer.config.phones == ["a", "b", "c"]
+    predicted = recognizer.recognize(features)
+    truth = [torch.tensor([recognizer.config.phones.index(p) for p in lab[:len(f)]]) for (_, lab), f in
+             zip(utterances, features)]
+    accuracy = sum(int((p[:len(t)] == t).sum()) for p, t in zip(predicted, truth)) / sum(len(t) for t in truth)
+    assert accuracy > 0.8  # three tones are easy; a recognizer that learnt nothing scores about 1/3
+    assert torch.equal(recognizer.units(utterances[1][0]), predicted[1])  # one waveform = the batched path
+
+    recognizer.save_pretrained(tmp_path / "phones")
+    loaded = PhoneRecognizer.from_pretrained(tmp_path / "phones")
+    assert loaded.config.phones == recognizer.config.phones
+    assert all(torch.equal(a, b) for a, b in zip(loaded.recognize(features), predicted))
+    (tmp_path / "phones" / "config.json").write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="not a phone recognizer"):
+        PhoneRecognizer.from_pretrained(tmp_path / "phones")
+
+
+def test_config_rejects_duplicate_phones():
+    with pytest.raises(ValueError, match="duplicates"):
+        PhoneRecognizerConfig(phones=["a", "b", "a"])
