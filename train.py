@@ -2,84 +2,100 @@
 
     python train.py                       # the whole toy pipeline on tiny_data/ into runs/toy/
     python train.py --stage units         # one step, from the previous step's output
+    python train.py --set stage2.steps=900 --set lm.dim=192   # change any setting of the preset
 
 Steps, in order (each writes into the run directory and adds its numbers to report.json):
-  units   HuBERT pretraining on MFCC k-means targets (the toy preset runs one iteration; a second
-          would learn k-means targets of the first), k-means on the chosen layer, units for every
-          utterance (units.jsonl), and unit quality (PNMI) of MFCC and HuBERT units on held-out speech.
+  units   HuBERT pretraining on MFCC k-means targets, k-means on the chosen layer, units for every
+          utterance (units.jsonl), and unit quality: PNMI of MFCC and HuBERT units on held-out speech,
+          and how alike one sentence's units are in two voices.
+  stage0  text pretraining: the LM learns the corpus's text (the toy's stand-in for LLaMA's
+          pretraining: it is where the model learns the world's facts). --no-text-pretraining skips it.
   stage1  modality adaptation: the LM learns unit sequences of the training speech.
-  stage2  cross-modal instruction: ASR and TTS as instructions, every weight trained.
+  stage2  cross-modal instruction: ASR (every voice) and TTS (the answer voice), every weight trained.
   stage3  chain of modality: spoken question -> transcript -> text answer -> spoken answer (LoRA).
   vocoder unit HiFi-GAN with a duration predictor, trained on the training speech and its units.
-  eval    everything on held-out data: ASR, TTS, spoken dialogue, the vocoder (seen and unseen voice).
+  eval    everything on held-out data: ASR, TTS, spoken and typed questions (known facts in new
+          phrasings, and facts only the text corpus stated), the vocoder; seen and unseen voices.
+
+While the LM trains, each stage decodes a few held-out examples at every evaluation and logs
+what the model can do (fact completion, ASR CER, answer accuracy) beside the loss in
+STAGE/metrics.jsonl; curves.png plots both for every stage.
 
 Start the LM from pretrained weights with --init-from DIR (an HF LLaMA directory such as
 SmolLM2-135M or LLaMA-7B): its tokenizer gains the unit and special tokens and its embedding grows.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from speechgpt_min.audio import AudioError, load_audio
-from speechgpt_min.data import (DataError, encode_dialogues, in_split, load_manifest, load_pairs, pack_stage1,
-                                stage1_texts, stage2_dialogues, stage3_dialogues, SYSTEM_PROMPT,
-                                ASR_INSTRUCTIONS, TTS_INSTRUCTIONS)
+from speechgpt_min.data import (ASR_INSTRUCTIONS, SYSTEM_PROMPT, TTS_INSTRUCTIONS, DataError, check_corpus,
+                                encode_dialogues, in_split, load_text_corpus, pack_blocks, stage0_texts,
+                                stage1_texts, stage2_dialogues, stage3_dialogues, text_examples)
+from speechgpt_min.evaluate import (WHISPER_MISSING, cross_voice_similarity, evaluate_asr, evaluate_chain,
+                                    evaluate_text_questions, evaluate_tts, evaluate_vocoder_speech,
+                                    fact_completion_accuracy, speech_whisper_wer, whisper_available)
 from speechgpt_min.hubert import HubertConfig
 from speechgpt_min.hubert_training import mfcc_features
 from speechgpt_min.lora import LoRAConfig, inject, save_adapter
 from speechgpt_min.model import LMConfig, Transformer
+from speechgpt_min.pipeline import PipelineError, SpeechGPT
 from speechgpt_min.tokenizer import Tokenizer
 from speechgpt_min.trainer import TrainConfig, fast_bfloat16, train
-from speechgpt_min.units import dedup, score_units, speech_to_units, train_unit_encoder
+from speechgpt_min.phones import PhoneRecognizerConfig, n_frames, normalised_mfcc, train_phone_recognizer
+from speechgpt_min.units import dedup, frame_phones, read_run_units, read_segs, score_units, speech_to_units, train_unit_encoder
+from speechgpt_min.mel_vocoder import MelVocoder, MelVocoderConfig
+from speechgpt_min.vocoder_training import train_mel_vocoder
 from speechgpt_min.weights import expand_vocab, load_pretrained, save_pretrained
-from speechgpt_min.vocoder import UnitVocoder, VocoderConfig
-from speechgpt_min.vocoder_training import evaluate_vocoder, train_vocoder
-from speechgpt_min.pipeline import PipelineError, SpeechGPT
-from speechgpt_min.evaluate import (evaluate_asr, evaluate_chain, evaluate_tts, exact_match_accuracy, unit_edit_distance,
-                                    whisper_available, whisper_transcribe, word_error_rate)
+
+ANSWER_VOICE = "fest_kal"  # tiny_data's answer voice: TTS targets and spoken answers
 
 # The embedded default: the toy preset on tiny_data, sized for minutes on 2 CPU cores.
 DEFAULTS = {
     "toy": dict(
-        hubert_preset="toy", n_units=100, hubert_steps=(700,), target_layer=0, unit_layer=1,
-        lm_preset="toy", block_size=256,
-        stage1=dict(steps=150, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=15),
-        stage2=dict(steps=300, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=20),
-        stage3=dict(steps=200, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=10),
+        units="phones", phone_epochs=[2, 2], phone_recognizer=dict(channels=192),  # the toy's ears (phones.py)
+        hubert_preset="toy", n_units=100, hubert_steps=[700], target_layer=0, unit_layer=1,  # with units=hubert
+        lm_preset="toy", lm={}, block_size=256, answer_voice=ANSWER_VOICE,
+        stage0=dict(steps=100, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=10),
+        stage1=dict(steps=50, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=5),
+        stage2=dict(steps=800, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=20),
+        stage3=dict(steps=300, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=10),
         lora="speechgpt",
-        # 4 crops of 0.32 s per step, lr 4e-3 -> 1e-4 (cosine): the best of scripts/vocoder_schedules.py in this budget
-        vocoder_preset="toy", vocoder=dict(steps=600, batch_size=4, segment_frames=16, lr=4e-3, min_lr=1e-4),
+        # the mel vocoder on the answer voice: 1000 steps of 4 utterances, about a minute (README, vocoder)
+        vocoder_preset="toy", vocoder=dict(steps=1000, batch_size=4, lr=4e-3),
         eval_tokens=dict(asr=64, tts=256, chain=384),  # generation limits: tiny_data's longest answers fit
-        eval_spoken_questions=40,  # per split, evenly spread over the test questions (each is ~130 tokens to generate)
+        eval_sentences=100,        # ASR and TTS: per split, evenly spread over the test sentences
+        eval_spoken_questions=60,  # per split, evenly spread over the test questions (every skill)
+        eval_typed_questions=100,
+        watch=8,                   # held-out examples each stage decodes at every evaluation
     ),
     # A few steps of everything: checks that the pipeline runs end to end (the tests use it).
     "smoke": dict(
-        hubert_preset="toy", n_units=20, hubert_steps=(2, 2), target_layer=2, unit_layer=3,
-        lm_preset="toy", block_size=64,
+        units="phones", phone_epochs=[1, 1], phone_recognizer=dict(channels=32),
+        hubert_preset="toy", n_units=20, hubert_steps=[2, 2], target_layer=2, unit_layer=3,
+        lm_preset="toy", lm={}, block_size=64, answer_voice=ANSWER_VOICE,
+        stage0=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
         stage1=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
         stage2=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
         stage3=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
         lora="speechgpt",
-        vocoder_preset="toy", vocoder=dict(steps=2),
+        vocoder_preset="toy", vocoder=dict(steps=2, batch_size=2),
         eval_tokens=dict(asr=8, tts=8, chain=8),
-        eval_spoken_questions=4,
+        eval_sentences=4, eval_spoken_questions=4, eval_typed_questions=4,
+        watch=2,
     ),
 }
+LM_STAGES = ("stage0", "stage1", "stage2", "stage3")
 
 
 class UserError(Exception):
     """A mistake in the command line or the inputs: printed as one line, without a traceback."""
-
-
-def read_manifest(data_dir):
-    try:
-        return load_manifest(Path(data_dir) / "manifest.jsonl")
-    except DataError as error:
-        raise UserError(f"{error} (expected a corpus directory like tiny_data/ with manifest.jsonl)") from None
 
 
 def load_wavs(data_dir, rows):
@@ -89,19 +105,120 @@ def load_wavs(data_dir, rows):
         raise UserError(str(error)) from None
 
 
+def evenly_spaced(items, n):
+    """At most n of items, spread evenly over the list (so every skill and voice of a test set is in)."""
+    return items if len(items) <= n else [items[i * len(items) // n] for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- the corpus
+
+class Corpus:
+    """The corpus directory, checked once: manifest rows, question/answer pairs, and what the run made of them."""
+
+    def __init__(self, args, settings):
+        try:
+            self.rows, self.pairs = check_corpus(args.data)
+        except DataError as error:
+            raise UserError(f"{error} (expected a corpus directory like tiny_data/)") from None
+        self.data, self.run, self.settings = args.data, args.out, settings
+        self.by_id = {r["id"]: r for r in self.rows}
+
+    def text_corpus(self):
+        try:
+            return load_text_corpus(self.data / "text_corpus.txt")
+        except DataError as error:
+            raise UserError(f"{error}; or skip stage 0 with --no-text-pretraining") from None
+
+    def n_units(self):
+        """K, the unit vocabulary: the phone recogniser's phones, or the k-means size."""
+        return self._units()[2]
+
+    def units(self, field="units"):
+        """{utterance id: its deduplicated units} (or their durations, field="durations") from units.jsonl."""
+        return self._units()[0 if field == "units" else 1]
+
+    def _units(self):
+        if not (self.run / "units.jsonl").is_file():
+            raise UserError(f"{self.run}/units.jsonl: no units yet; run the units step first (python train.py --stage units)")
+        return read_run_units(self.run)
+
+    def sentences(self, split, answer_voice):
+        """Read sentences of a split: (the other voices' readings, the answer voice's)."""
+        rows = [r for r in self.rows if r["split"] == split and r.get("kind", "sent") == "sent"]
+        return [r for r in rows if r["voice"] != answer_voice], [r for r in rows if r["voice"] == answer_voice]
+
+    def spoken_questions(self, pair_split, audio_split, units):
+        """(question units, question text, answer text, answer units) of the pairs of a split whose
+        question audio is in `audio_split` (a held-out voice's recordings are in test_unseen_voice)."""
+        return [(units[qid], p["question"]["text"], p["answer"]["text"], units[p["answer"]["audio"][0]])
+                for p in self.pairs if p["split"] == pair_split
+                for qid in p["question"]["audio"] if self.by_id[qid]["split"] == audio_split]
+
+    def typed_questions(self, pair_split):
+        return [(p["question"]["text"], p["answer"]["text"]) for p in self.pairs if p["split"] == pair_split]
+
+
 # ----------------------------------------------------------------------------- steps
 
-def step_units(args, settings, report):
-    """HuBERT's pretraining iterations and k-means, then units for the whole corpus and their quality."""
-    rows = read_manifest(args.data)
-    train_rows = [r for r in rows if r["split"] == "train"]
-    if not train_rows:
-        raise UserError(f"{args.data}/manifest.jsonl has no utterances with split 'train'")
+def step_units(args, settings, report, corpus):
+    """The ears: a phone recogniser (the toy default) or HuBERT + k-means, learnt from the training
+    speech; then units for the whole corpus (units.jsonl) and their quality."""
+    rows = corpus.rows
     print(f"units: loading {len(rows)} utterances from {args.data}")
     wavs = load_wavs(args.data, rows)
-    train_wavs = [w for w, r in zip(wavs, rows) if r["split"] == "train"]
-    print(f"units: {len(train_wavs)} training utterances, {sum(len(w) for w in train_wavs) / 16000 / 60:.1f} min")
+    train_rows = [(w, r) for w, r in zip(wavs, rows) if r["split"] == "train"]
+    print(f"units: {len(train_rows)} training utterances, {sum(len(w) for w, _ in train_rows) / 16000 / 60:.1f} min")
+    if settings["units"] == "phones":
+        frame_units, names = learn_phone_units(args, settings, train_rows, wavs, rows)
+    else:
+        frame_units, names = learn_hubert_units(args, settings, [w for w, _ in train_rows], wavs, rows, report)
+    merged = {}
+    with open(args.out / "units.jsonl", "w") as f:
+        for row, units in zip(rows, frame_units):
+            merged[row["id"]], durations = (u.tolist() for u in dedup(units))
+            f.write(json.dumps({"id": row["id"], "units": merged[row["id"]], "durations": durations}) + "\n")
 
+    # Unit quality on held-out speech with phone alignments: the unseen voice, and the seen voices' test split.
+    for split, suffix in (("test_unseen_voice", ""), ("test", "_seen_voices")):
+        picked = [i for i, r in enumerate(rows) if r["split"] == split and r.get("alignment")]
+        if picked:
+            quality = score_units([frame_units[i] for i in picked], [args.data / rows[i]["alignment"] for i in picked])
+            report[f"units.pnmi{suffix}"] = round(quality["pnmi"], 4)
+            report[f"units.phone_purity{suffix}"] = round(quality["phone_purity"], 4)
+            if names is not None:  # phone units: how often the recognised phone is festival's
+                hits = [names[int(u)] == p for i in picked for u, p in
+                        zip(frame_units[i], frame_phones(read_segs(args.data / rows[i]["alignment"]), len(frame_units[i])))]
+                report[f"units.phone_accuracy{suffix}"] = round(sum(hits) / len(hits), 4)
+    # Does a sentence read by two voices give alike units? (PNMI, on festival voices only, does not say.)
+    similarity = cross_voice_similarity([(r["text"], r["voice"], merged[r["id"]]) for r in rows])
+    if similarity is not None:
+        report["units.cross_voice_same_text"] = round(similarity["same_text"], 4)
+        report["units.cross_voice_other_text"] = round(similarity["other_text"], 4)
+    report["units.kind"], report["units.n_units"] = settings["units"], corpus.n_units()
+    report["units.per_second"] = round(sum(len(merged[r["id"]]) for r in rows) / sum(len(w) for w in wavs) * 16000, 2)
+    print(f"units: PNMI on the unseen voice {report.get('units.pnmi')}; one sentence in two voices: unit-bigram "
+          f"overlap {report.get('units.cross_voice_same_text')} (two sentences: {report.get('units.cross_voice_other_text')})")
+
+
+def learn_phone_units(args, settings, train_rows, wavs, corpus_rows):
+    """The toy's ears: a phone recogniser, from festival's alignments and forced alignment (phones.py)."""
+    labels = [frame_phones(read_segs(args.data / r["alignment"]), n_frames(w)) if r.get("alignment") else None
+              for w, r in train_rows]
+    if not any(labels) or not all(r.get("phones") for _, r in train_rows):
+        raise UserError("phone units need phone alignments for some training voices and a 'phones' field (the "
+                        "text's pronunciation) on every training utterance; or use --set units=hubert")
+    features = [normalised_mfcc(w) for w in tqdm(wavs, desc="MFCC")]
+    train_features = [f for f, r in zip(features, corpus_rows) if r["split"] == "train"]
+    recognizer = train_phone_recognizer(train_features, labels, [r["phones"].split() for _, r in train_rows],
+                                        PhoneRecognizerConfig(**settings["phone_recognizer"]),
+                                        epochs=settings["phone_epochs"], seed=args.seed)
+    recognizer.save_pretrained(args.out / "phones")
+    print("units: recognising the corpus")
+    return recognizer.recognize(features, progress=True), recognizer.config.phones
+
+
+def learn_hubert_units(args, settings, train_wavs, wavs, rows, report):
+    """HuBERT's pretraining iterations on MFCC k-means targets, then k-means on the chosen layer."""
     config = HubertConfig.from_preset(settings["hubert_preset"], num_clusters=settings["n_units"])
     result = train_unit_encoder(train_wavs, config, n_units=settings["n_units"], steps=settings["hubert_steps"],
                                 target_layer=settings["target_layer"], unit_layer=settings["unit_layer"],
@@ -110,43 +227,19 @@ def step_units(args, settings, report):
     encoder.save_pretrained(args.out / "hubert")
     kmeans.save_pretrained(args.out / "kmeans")
     (args.out / "hubert" / "unit_layer.json").write_text(json.dumps({"layer": layer}))
-
-    print("units: encoding the corpus")
-    frame_units = speech_to_units(wavs, encoder, layer, kmeans, progress=True)
-    with open(args.out / "units.jsonl", "w") as f:
-        for row, units in zip(rows, frame_units):
-            merged, durations = dedup(units)
-            f.write(json.dumps({"id": row["id"], "units": merged.tolist(), "durations": durations.tolist()}) + "\n")
-
-    # Unit quality on held-out speech with phone alignments: the unseen voice, and the seen voices' test split.
-    for split, suffix in (("test_unseen_voice", ""), ("test", "_seen_voices")):
-        picked = [i for i, r in enumerate(rows) if r["split"] == split and r.get("alignment")]
-        if not picked:
-            continue
-        aligns = [Path(args.data) / rows[i]["alignment"] for i in picked]
+    picked = [i for i, r in enumerate(rows) if r["split"] == "test_unseen_voice" and r.get("alignment")]
+    if picked:  # the baseline HuBERT must beat: k-means of MFCCs
         mfcc_units = [result["mfcc_kmeans"].assign(mfcc_features(wavs[i])) for i in picked]
-        report[f"units.pnmi_mfcc{suffix}"] = round(score_units(mfcc_units, aligns)["pnmi"], 4)
-        quality = score_units([frame_units[i] for i in picked], aligns)
-        report[f"units.pnmi_hubert{suffix}"] = round(quality["pnmi"], 4)
-        report[f"units.phone_purity{suffix}"] = round(quality["phone_purity"], 4)
+        report["units.pnmi_mfcc"] = round(score_units(mfcc_units, [args.data / rows[i]["alignment"] for i in picked])["pnmi"], 4)
     report["units.layer"] = layer
-    report["units.n_units"] = settings["n_units"]
     report["units.hubert_final_loss"] = [round(sum(l[-10:]) / len(l[-10:]), 4) for l in result["losses"]]
-    print(f"units: PNMI on the unseen voice: MFCC {report.get('units.pnmi_mfcc')}, "
-          f"HuBERT layer {layer} {report.get('units.pnmi_hubert')}")
-
-
-def read_units(run_dir, field="units"):
-    """{utterance id: its deduplicated units} (or their durations, field="durations") from units.jsonl."""
-    path = run_dir / "units.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path}: no units yet; run the units step first (python train.py --stage units)")
-    return {row["id"]: row[field] for row in map(json.loads, path.read_text().splitlines())}
+    print("units: encoding the corpus")
+    return speech_to_units(wavs, encoder, layer, kmeans, progress=True), None
 
 
 def train_config(args, settings, stage):
     return TrainConfig(out_dir=str(args.out / stage), seed=args.seed, device=args.device, resume=args.resume,
-                       eval_every=max(1, settings[stage]["steps"] // 5), checkpoint_every=50, **settings[stage])
+                       eval_every=max(1, settings[stage]["steps"] // 8), checkpoint_every=100, **settings[stage])
 
 
 def load_stage(args, stage):
@@ -163,28 +256,46 @@ def save_stage(args, stage, model, tokenizer):
     tokenizer.save_pretrained(directory)
 
 
+def previous_lm_stage(args, stage):
+    """The stage whose model this one starts from (stage 0 when it ran, else a new model)."""
+    order = [s for s in LM_STAGES if s != "stage0" or not args.no_text_pretraining]
+    return order[order.index(stage) - 1] if order.index(stage) > 0 else None
+
+
 def val_loss(history):
     losses = [record["val_loss"] for record in history if "val_loss" in record]
     return round(losses[-1], 4) if losses else None
 
 
-def new_language_model(args, settings, rows, pairs, units):
-    """The tokenizer (text + units + special tokens) and the LM that stage 1 starts from."""
-    n_units = settings["n_units"]
+def new_language_model(args, settings, corpus):
+    """The tokenizer (text + units + special tokens) and the LM that the first LM stage starts from."""
+    n_units = corpus.n_units()
     if args.init_from:
         tokenizer = Tokenizer.from_pretrained(args.init_from, n_units=n_units)
         model = load_pretrained(args.init_from)
         old = model.config.vocab_size
         expand_vocab(model, max(old, tokenizer.vocab_size))
-        print(f"stage1: {args.init_from}: vocabulary {old} -> {model.config.vocab_size}")
+        print(f"LM: {args.init_from}: vocabulary {old} -> {model.config.vocab_size}")
     else:  # a word vocabulary of everything the model will read and write in training
+        units = corpus.units()
         texts = [SYSTEM_PROMPT, *ASR_INSTRUCTIONS, *TTS_INSTRUCTIONS]
-        texts += [d.text() for d in stage2_dialogues(in_split(rows, "train"), units, args.seed)]
-        texts += [d.text() for d in stage3_dialogues(in_split(pairs, "train"), units, args.seed)]
+        texts += [d.text() for d in stage2_dialogues(in_split(corpus.rows, "train"), units, args.seed)]
+        texts += [d.text() for d in stage3_dialogues(in_split(corpus.pairs, "train"), units, args.seed)]
+        if not args.no_text_pretraining:
+            texts += corpus.text_corpus()
         tokenizer = Tokenizer.train(texts, n_units=n_units)
-        model = Transformer(LMConfig.from_preset(settings["lm_preset"], vocab_size=tokenizer.vocab_size))
-    print(f"stage1: LM {model.num_params() / 1e6:.2f}M parameters, vocabulary {tokenizer.vocab_size}")
+        try:
+            config = LMConfig.from_preset(settings["lm_preset"], vocab_size=tokenizer.vocab_size, **settings["lm"])
+        except ValueError as error:
+            raise UserError(f"LM settings: {error}") from None
+        model = Transformer(config)
+    print(f"LM: {model.num_params() / 1e6:.2f}M parameters, vocabulary {tokenizer.vocab_size}")
     return model, tokenizer
+
+
+def start_lm(args, settings, corpus, stage):
+    previous = previous_lm_stage(args, stage)
+    return load_stage(args, previous) if previous else new_language_model(args, settings, corpus)
 
 
 def unigram_loss(train_set, val_set):
@@ -196,13 +307,33 @@ def unigram_loss(train_set, val_set):
     return round(float(-(counts / counts.sum()).log()[targets].mean()), 4)
 
 
-def step_stage1(args, settings, report):
+def step_stage0(args, settings, report, corpus):
+    """Text pretraining: next-token prediction on the corpus's text, where the world's facts are stated."""
+    model, tokenizer = new_language_model(args, settings, corpus)
+    train_set = text_examples(tokenizer, stage0_texts(corpus.text_corpus(), args.seed))
+    valid_sentences, _ = corpus.sentences("valid", answer_voice=None)  # sentences the text corpus never states
+    val_set = text_examples(tokenizer, sorted({r["text"] for r in valid_sentences}))
+    facts = {p["answer"]["text"] for p in corpus.pairs
+             if p["split"] in ("valid", "test_knowledge") and p.get("skill") != "command"}
+    watched = evenly_spaced(sorted(facts), 2 * settings["watch"])
+
+    def score(lm):  # does the model complete the statement of a fact with its last word?
+        return {"fact_accuracy": fact_completion_accuracy(SpeechGPT(lm, tokenizer), watched)}
+
+    history = train(model, train_set, train_config(args, settings, "stage0"), val_set, score if watched else None)
+    save_stage(args, "stage0", model, tokenizer)
+    report["stage0.val_loss"] = val_loss(history)
+    report["stage0.fact_accuracy"] = history[-1].get("fact_accuracy")
+    print(f"stage0: validation loss {report['stage0.val_loss']}, facts completed {report['stage0.fact_accuracy']}")
+
+
+def step_stage1(args, settings, report, corpus):
     """Modality adaptation: next-unit prediction on the training speech's unit sequences."""
-    rows, pairs, units = corpus(args)
-    model, tokenizer = new_language_model(args, settings, rows, pairs, units)
+    units = corpus.units()
+    model, tokenizer = start_lm(args, settings, corpus, "stage1")
     block = min(settings["block_size"], model.config.max_seq_len)
-    train_set = pack_stage1(tokenizer, stage1_texts(in_split(rows, "train"), units, args.seed), block)
-    val_set = pack_stage1(tokenizer, stage1_texts(in_split(rows, "valid"), units, args.seed), block)
+    train_set = pack_blocks(tokenizer, stage1_texts(in_split(corpus.rows, "train"), units, args.seed), block)
+    val_set = pack_blocks(tokenizer, stage1_texts(in_split(corpus.rows, "valid"), units, args.seed), block)
     history = train(model, train_set, train_config(args, settings, "stage1"), val_set)
     save_stage(args, "stage1", model, tokenizer)
     report["stage1.val_loss"] = val_loss(history)
@@ -210,132 +341,202 @@ def step_stage1(args, settings, report):
     print(f"stage1: validation loss {report['stage1.val_loss']} (unigram baseline {report['stage1.unigram_val_loss']})")
 
 
-def step_stage2(args, settings, report):
-    """Cross-modal instruction: ASR and TTS pairs, every weight trained."""
-    rows, _, units = corpus(args)
-    model, tokenizer = load_stage(args, "stage1")
+def step_stage2(args, settings, report, corpus):
+    """Cross-modal instruction: ASR of every voice and TTS in the answer voice, every weight trained."""
+    units, voice = corpus.units(), settings["answer_voice"]
+    model, tokenizer = start_lm(args, settings, corpus, "stage2")
     context = model.config.max_seq_len
-    train_set = encode_dialogues(tokenizer, stage2_dialogues(in_split(rows, "train"), units, args.seed), context)
-    val_set = encode_dialogues(tokenizer, stage2_dialogues(in_split(rows, "valid"), units, args.seed), context)
-    history = train(model, train_set, train_config(args, settings, "stage2"), val_set)
+    dialogues = {split: stage2_dialogues(in_split(corpus.rows, split), units, args.seed, tts_voice=voice)
+                 for split in ("train", "valid")}
+    train_set = encode_dialogues(tokenizer, dialogues["train"], context)
+    val_set = encode_dialogues(tokenizer, dialogues["valid"], context)
+    others, _ = corpus.sentences("valid", voice)
+    watched = [(units[r["id"]], r["text"]) for r in evenly_spaced(others, settings["watch"])]
+
+    def score(lm):
+        sgpt = SpeechGPT(lm, tokenizer)
+        return {"asr_cer": evaluate_asr(sgpt, watched, settings["eval_tokens"]["asr"], progress=False)["cer"]}
+
+    history = train(model, train_set, train_config(args, settings, "stage2"), val_set, score if watched else None)
     save_stage(args, "stage2", model, tokenizer)
     report["stage2.val_loss"] = val_loss(history)
-    print(f"stage2: validation loss {report['stage2.val_loss']}")
+    print(f"stage2: validation loss {report['stage2.val_loss']}, ASR CER on {len(watched)} valid "
+          f"sentences {history[-1].get('asr_cer')}")
 
 
-def step_stage3(args, settings, report):
+def step_stage3(args, settings, report, corpus):
     """Chain of modality: LoRA on the stage-2 model (the base stays frozen)."""
-    _, pairs, units = corpus(args)
+    units = corpus.units()
     model, tokenizer = load_stage(args, "stage2")
     lora = LoRAConfig.from_preset(settings["lora"])
     inject(model, lora)
     context = model.config.max_seq_len
-    train_set = encode_dialogues(tokenizer, stage3_dialogues(in_split(pairs, "train"), units, args.seed), context)
-    val_set = encode_dialogues(tokenizer, stage3_dialogues(in_split(pairs, "valid"), units, args.seed), context)
-    history = train(model, train_set, train_config(args, settings, "stage3"), val_set)
+    train_set = encode_dialogues(tokenizer, stage3_dialogues(in_split(corpus.pairs, "train"), units, args.seed), context)
+    val_set = encode_dialogues(tokenizer, stage3_dialogues(in_split(corpus.pairs, "valid"), units, args.seed), context)
+    watched = evenly_spaced(corpus.spoken_questions("valid", "valid", units), settings["watch"])
+
+    def score(lm):
+        chain = evaluate_chain(SpeechGPT(lm, tokenizer), watched, settings["eval_tokens"]["chain"], progress=False,
+                               speech_answer=False)
+        return {"answer_accuracy": chain["answer_accuracy"]}
+
+    history = train(model, train_set, train_config(args, settings, "stage3"), val_set, score if watched else None)
     save_adapter(model, args.out / "stage3" / "adapter", lora, base_model_name_or_path=str(args.out / "stage2" / "model"))
     report["stage3.val_loss"] = val_loss(history)
-    print(f"stage3: validation loss {report['stage3.val_loss']}")
+    print(f"stage3: validation loss {report['stage3.val_loss']}, answer accuracy on {len(watched)} valid spoken "
+          f"questions {history[-1].get('answer_accuracy')}")
 
 
-def corpus(args):
-    """Manifest, question/answer pairs and the units step's unit table."""
-    rows = read_manifest(args.data)
-    try:
-        pairs = load_pairs(args.data / "qa.jsonl")
-    except DataError as error:
-        raise UserError(str(error)) from None
-    return rows, pairs, read_units(args.out)
-
-
-def vocoder_items(args, rows, units):
+def vocoder_items(args, rows, units, durations):
     """(wav, deduplicated units, durations in frames) per utterance."""
-    durations = read_units(args.out, "durations")
     wavs = load_wavs(args.data, rows)
     return [(w, torch.tensor(units[r["id"]]), torch.tensor(durations[r["id"]])) for w, r in zip(wavs, rows)]
 
 
-def step_vocoder(args, settings, report):
-    """The unit vocoder: learns to speak the run's units, from the training speech."""
-    rows, _, units = corpus(args)
-    train_items = vocoder_items(args, in_split(rows, "train"), units)
-    config = VocoderConfig.from_preset(settings["vocoder_preset"])
-    config.num_embeddings = settings["n_units"]
-    vocoder = UnitVocoder(config)
+def step_vocoder(args, settings, report, corpus):
+    """The mel vocoder: learns to speak the run's units in the answer voice, from that voice's training speech."""
+    voice = settings["answer_voice"]
+    train_rows = [r for r in in_split(corpus.rows, "train") if r["voice"] == voice]
+    if not train_rows:
+        raise UserError(f"{args.data}/manifest.jsonl has no training utterances of the answer voice {voice!r}")
+    vocoder = MelVocoder(MelVocoderConfig.from_preset(settings["vocoder_preset"], num_embeddings=corpus.n_units()))
     print(f"vocoder: {sum(p.numel() for p in vocoder.parameters()) / 1e6:.2f}M parameters, "
-          f"{len(train_items)} training utterances")
-    history = train_vocoder(vocoder, train_items, seed=args.seed, **settings["vocoder"])
+          f"{len(train_rows)} training utterances of {voice}")
+    items = vocoder_items(args, train_rows, corpus.units(), corpus.units("durations"))
+    history = train_mel_vocoder(vocoder, items, seed=args.seed, **settings["vocoder"])
     vocoder.save_pretrained(args.out / "vocoder")
     report["vocoder.final_train_mel_l1"] = round(sum(h["mel"] for h in history[-20:]) / len(history[-20:]), 4)
 
 
-def step_eval(args, settings, report):
+def step_eval(args, settings, report, corpus):
     """Held-out evaluation of the whole run: nothing here was trained on."""
-    rows, pairs, units = corpus(args)
+    units = corpus.units()
     try:
         sgpt = SpeechGPT.from_run(args.out, device=args.device)
     except PipelineError as error:
         raise UserError(str(error)) from None
-    limit = settings["eval_tokens"]
-    by_id = {r["id"]: r for r in rows}
-    sentences = {split: [r for r in rows if r["split"] == split and r.get("kind", "sent") == "sent"]
-                 for split in ("test", "test_unseen_voice")}
-    test_pairs = in_split(pairs, "test")
-    for split, suffix in (("test", ""), ("test_unseen_voice", "_unseen_voice")):
-        if sentences[split]:
-            asr = evaluate_asr(sgpt, [(units[r["id"]], r["text"]) for r in sentences[split]], limit["asr"])
+    limit, voice = settings["eval_tokens"], settings["answer_voice"]
+    # ASR on held-out sentences: the seen voices' readings, and the unseen voice's.
+    seen, answer_voice_readings = corpus.sentences("test", voice)
+    unseen, _ = corpus.sentences("test_unseen_voice", voice)
+    for rows, suffix in ((seen, ""), (unseen, "_unseen_voice")):
+        if rows:
+            items = [(units[r["id"]], r["text"]) for r in evenly_spaced(rows, settings["eval_sentences"])]
+            asr = evaluate_asr(sgpt, items, limit["asr"])
             report[f"stage2.asr_wer{suffix}"], report[f"stage2.asr_cer{suffix}"] = round(asr["wer"], 4), round(asr["cer"], 4)
-        chain_items = [(units[qid], p["question"]["text"], p["answer"]["text"], units[p["answer"]["audio"][0]])
-                       for p in test_pairs for qid in p["question"]["audio"] if by_id[qid]["split"] == split]
-        if chain_items:
-            chain = evaluate_chain(sgpt, evenly_spaced(chain_items, settings["eval_spoken_questions"]), limit["chain"])
-            for key in ("transcript_wer", "answer_accuracy", "speech_answer_unit_edit_distance", "well_formed", "n"):
+    # TTS of held-out sentences, against the answer voice's reading of them.
+    if answer_voice_readings:
+        items = [(r["text"], units[r["id"]]) for r in evenly_spaced(answer_voice_readings, settings["eval_sentences"])]
+        tts = evaluate_tts(sgpt, items, limit["tts"])
+        report["stage2.tts_unit_edit_distance"] = round(tts["unit_edit_distance"], 4)
+        report["stage2.tts_whisper_wer"] = rounded(speech_whisper_wer(sgpt, tts["answer_units"], [t for t, _ in items]))
+    # Spoken questions about known facts in held-out phrasings: seen voices, and the unseen voice.
+    for audio_split, suffix in (("test", ""), ("test_unseen_voice", "_unseen_voice")):
+        items = corpus.spoken_questions("test", audio_split, units)
+        if items:
+            asked = evenly_spaced(items, settings["eval_spoken_questions"])
+            chain = evaluate_chain(sgpt, asked, limit["chain"])
+            for key in ("answer_accuracy", "transcript_wer", "speech_answer_unit_edit_distance", "well_formed", "n"):
                 report[f"stage3.{key}{suffix}"] = round(chain[key], 4)
-    tts = evaluate_tts(sgpt, [(r["text"], units[r["id"]]) for r in sentences["test"]], limit["tts"])
-    report["stage2.tts_unit_edit_distance"] = round(tts["unit_edit_distance"], 4)
-    # Text questions (no speech in): does the model answer the held-out phrasings in text?
-    text_items = [(p["question"]["text"], p["answer"]["text"]) for p in test_pairs]
-    answers = [sgpt.chat(text=q, temperature=0, speak=False, max_new_tokens=limit["chain"]).text_answer
-               for q, _ in text_items]
-    report["stage3.text_answer_accuracy"] = round(exact_match_accuracy([a for _, a in text_items], answers), 4)
-    evaluate_vocoder_on_test(args, sgpt, sentences["test"], units, report)
+            report[f"stage3.speech_answer_whisper_wer{suffix}"] = rounded(
+                speech_whisper_wer(sgpt, chain["answer_units"], [answer for _, _, answer, _ in asked]))
+    # Spoken questions about facts that only the text corpus (stage 0) stated: does text knowledge reach speech?
+    for audio_split, suffix in (("test_knowledge", ""), ("test_unseen_voice", "_unseen_voice")):
+        items = corpus.spoken_questions("test_knowledge", audio_split, units)
+        if items:
+            chain = evaluate_chain(sgpt, items, limit["chain"], speech_answer=False)
+            report[f"stage3.knowledge_accuracy{suffix}"] = round(chain["answer_accuracy"], 4)
+    # The same questions typed.
+    for pair_split, key in (("test", "text_answer_accuracy"), ("test_knowledge", "knowledge_text_accuracy")):
+        typed = corpus.typed_questions(pair_split)
+        if typed:
+            typed = evenly_spaced(typed, settings["eval_typed_questions"])
+            report[f"stage3.{key}"] = round(evaluate_text_questions(sgpt, typed, limit["chain"]), 4)
+    evaluate_vocoder_on_test(args, sgpt, evenly_spaced(answer_voice_readings, settings["eval_sentences"]), units,
+                             corpus.units("durations"), report)
+    if not whisper_available():
+        print(f"eval: {WHISPER_MISSING}")
 
 
-def evenly_spaced(items, n):
-    """At most n of items, spread evenly over the list (so every skill of the test set is in)."""
-    return items if len(items) <= n else [items[i * len(items) // n] for i in range(n)]
-
-
-def evaluate_vocoder_on_test(args, sgpt, test_rows, units, report):
-    """Mel L1 with true durations; with predicted ones, the unit edit distance after re-encoding, the
-    real-time factor, and (where Whisper is installed) the WER of vocoded next to original speech."""
-    if sgpt.vocoder is None:
+def evaluate_vocoder_on_test(args, sgpt, test_rows, units, durations, report):
+    """What a listener hears: held-out utterances of the answer voice resynthesised from their units
+    (mel L1, real-time factor, re-encoded units, Whisper WER next to the original audio's)."""
+    if sgpt.vocoder is None or not test_rows:
         return
-    items = vocoder_items(args, test_rows, units)
-    report["vocoder.mel_l1"] = round(evaluate_vocoder(sgpt.vocoder, items), 4)
-    seconds_of_audio, compute, refs, hyps, vocoded = 0.0, 0.0, [], [], []
-    for _, u, _ in items:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            wav = sgpt.vocoder(u[None])[0]
-        compute += time.perf_counter() - start
-        seconds_of_audio += len(wav) / 16000
-        refs.append(u.tolist())
-        hyps.append(sgpt.speech_to_units(wav))
-        vocoded.append(wav)
-    report["vocoder.rtf"] = round(compute / seconds_of_audio, 4)
-    report["vocoder.resynthesis_unit_edit_distance"] = round(unit_edit_distance(refs, hyps), 4)
-    if whisper_available():
-        texts = [r["text"] for r in test_rows]
-        report["vocoder.whisper_wer_original"] = round(word_error_rate(texts, whisper_transcribe([w for w, _, _ in items])), 4)
-        report["vocoder.whisper_wer_vocoded"] = round(word_error_rate(texts, whisper_transcribe(vocoded)), 4)
+    scores = evaluate_vocoder_speech(sgpt.vocoder, vocoder_items(args, test_rows, units, durations),
+                                     [r["text"] for r in test_rows], sgpt.speech_to_units)
+    report.update({f"vocoder.{key}": rounded(value) for key, value in scores.items()})
+    report["vocoder.n"] = len(test_rows)
 
 
-STEPS = {"units": step_units, "stage1": step_stage1, "stage2": step_stage2, "stage3": step_stage3,
-         "vocoder": step_vocoder, "eval": step_eval}
+def rounded(value):
+    return None if value is None else round(value, 4)
+
+
+STEPS = {"units": step_units, "stage0": step_stage0, "stage1": step_stage1, "stage2": step_stage2,
+         "stage3": step_stage3, "vocoder": step_vocoder, "eval": step_eval}
+
+
+# ----------------------------------------------------------------------------- learning curves
+
+def plot_curves(run_dir):
+    """curves.png: per LM stage, training and validation loss, and the task score, against the step."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("curves.png: not drawn, matplotlib is not installed (pip install matplotlib)")
+        return
+    stages = [s for s in LM_STAGES if (run_dir / s / "metrics.jsonl").is_file()]
+    if not stages:
+        return
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        records = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+        ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=0.8, label="train loss")
+        evals = [r for r in records if "val_loss" in r]
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="valid loss")
+        ax.set(title=stage, xlabel="step", ylabel="loss (nats/token)")
+        scores = sorted({k for r in records for k in r} - {"step", "loss", "lr", "grad_norm", "tokens_per_s",
+                                                           "epoch", "val_loss"})
+        if scores:
+            twin = ax.twinx()
+            for key in scores:
+                scored = [r for r in records if key in r]
+                twin.plot([r["step"] for r in scored], [r[key] for r in scored], "s--", color="C3", label=key)
+            twin.set(ylabel=", ".join(scores), ylim=(0, max(1.0, max(r[k] for r in records for k in scores if k in r))))
+            twin.legend(loc="center right", fontsize=8)
+        ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png", dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- driver
+
+def apply_overrides(settings, assignments):
+    """--set stage2.steps=900 --set lm.dim=192: values are JSON (numbers, lists, true/false) or strings."""
+    settings = json.loads(json.dumps(settings))  # a deep copy
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise UserError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set stage2.steps=900")
+        *path, last = key.split(".")
+        target = settings
+        for part in path:
+            if not isinstance(target.get(part), dict):
+                raise UserError(f"--set {key}: {part!r} is not a group of settings; groups: "
+                                f"{', '.join(k for k, v in target.items() if isinstance(v, dict))}")
+            target = target[part]
+        if last not in target and path != ["lm"]:  # lm.* may set any LMConfig field
+            raise UserError(f"--set {key}: unknown setting {last!r}; settings here: {', '.join(target)}")
+        try:
+            target[last] = json.loads(value)
+        except json.JSONDecodeError:
+            target[last] = value
+    return settings
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
@@ -343,15 +544,22 @@ def parse_args(argv=None):
     parser.add_argument("--stage", choices=["all", *STEPS], default="all",
                         help="run one step (from the previous step's output in --out), or all of them (default)")
     parser.add_argument("--preset", choices=sorted(DEFAULTS), default="toy",
-                        help="model sizes and step budgets (default: toy, a few minutes on 2 CPU cores)")
+                        help="model sizes and step budgets (default: toy, about 15 minutes on 2 CPU cores)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="change one setting of the preset, e.g. stage2.steps=900 or lm.dim=192 (repeatable)")
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parent / "tiny_data",
-                        help="corpus directory with manifest.jsonl (default: tiny_data/)")
+                        help="corpus directory with manifest.jsonl, qa.jsonl, text_corpus.txt (default: tiny_data/)")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<preset>)")
+    parser.add_argument("--no-text-pretraining", action="store_true",
+                        help="skip stage 0: the LM starts from nothing at stage 1 (to measure what the text brings)")
     parser.add_argument("--init-from", type=Path, default=None, metavar="DIR",
                         help="start the LM from an HF LLaMA directory (e.g. SmolLM2-135M, LLaMA-7B), "
                              "growing its vocabulary by the unit and special tokens")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help=f"CPU threads for every step (PyTorch and k-means) (default: all {os.cpu_count()} "
+                             "cores; use 1 to run two jobs side by side)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run: skip finished steps, resume a stage from its checkpoint")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -359,30 +567,46 @@ def parse_args(argv=None):
     args.out = args.out or Path("runs") / args.preset
     if args.init_from is not None and not (args.init_from / "config.json").is_file():
         parser.error(f"--init-from {args.init_from}: not an HF model directory (no config.json)")
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: need at least one thread")
+    if args.init_from is not None and not args.no_text_pretraining:
+        args.no_text_pretraining = True  # a pretrained LM has had its text pretraining
+        print("--init-from: the pretrained LM replaces stage 0 (text pretraining)")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    settings = DEFAULTS[args.preset]
+    settings = apply_overrides(DEFAULTS[args.preset], args.overrides)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    steps = [s for s in STEPS if not (s == "stage0" and args.no_text_pretraining)]
+    if args.stage == "stage0" and args.no_text_pretraining:
+        raise UserError("--stage stage0 with --no-text-pretraining: nothing to do")
+    corpus = Corpus(args, settings)  # checks the whole corpus before any work
+    if "stage0" in steps and args.stage in ("all", "stage0"):
+        corpus.text_corpus()
     args.out.mkdir(parents=True, exist_ok=True)
     report_path = args.out / "report.json"
     keep = report_path.exists() and (args.stage != "all" or args.resume)
     report = json.loads(report_path.read_text()) if keep else {}
+    (args.out / "settings.json").write_text(json.dumps({"preset": args.preset, **settings}, indent=1) + "\n")
 
-    for name in (STEPS if args.stage == "all" else [args.stage]):
-        if args.resume and args.stage == "all" and f"{name}.seconds" in report:
-            print(f"== {name}: already done ({report_path})")
-            continue
-        if not args.resume:  # a fresh start: no stale checkpoint may be resumed from
-            (args.out / name / "ckpt.pt").unlink(missing_ok=True)
-            (args.out / name / "metrics.jsonl").unlink(missing_ok=True)
-        step_start = time.time()
-        STEPS[name](args, settings, report)
-        report[f"{name}.seconds"] = round(time.time() - step_start, 1)
-        report_path.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"== {name} done in {report[f'{name}.seconds']:.0f} s")
+    from threadpoolctl import threadpool_limits  # scikit-learn's k-means threads follow --threads too
+    with threadpool_limits(args.threads):
+        for name in (steps if args.stage == "all" else [args.stage]):
+            if args.resume and args.stage == "all" and f"{name}.seconds" in report:
+                print(f"== {name}: already done ({report_path})")
+                continue
+            if not args.resume:  # a fresh start: no stale checkpoint may be resumed from
+                (args.out / name / "ckpt.pt").unlink(missing_ok=True)
+                (args.out / name / "metrics.jsonl").unlink(missing_ok=True)
+            step_start = time.time()
+            STEPS[name](args, settings, report, corpus)
+            report[f"{name}.seconds"] = round(time.time() - step_start, 1)
+            report_path.write_text(json.dumps(report, indent=2) + "\n")
+            print(f"== {name} done in {report[f'{name}.seconds']:.0f} s")
+    plot_curves(args.out)
     # The whole pipeline's time, whether its steps ran in one call or several.
     report["wall_seconds"] = round(sum(v for k, v in report.items() if k.endswith(".seconds")), 1)
     report_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -30,7 +30,9 @@ from speechgpt_min.data import in_split  # noqa: E402
 from speechgpt_min.evaluate import whisper_available, whisper_transcribe, word_error_rate  # noqa: E402
 from speechgpt_min.vocoder import UnitVocoder, VocoderConfig  # noqa: E402
 from speechgpt_min.vocoder_training import evaluate_vocoder, train_vocoder  # noqa: E402
-from train import DEFAULTS, read_manifest, read_units, vocoder_items  # noqa: E402
+from speechgpt_min.audio import load_audio  # noqa: E402
+from speechgpt_min.data import load_manifest  # noqa: E402
+from speechgpt_min.units import read_run_units  # noqa: E402
 
 # name -> train_vocoder keyword arguments. "BxS" = batch_size x segment_frames (20 ms frames).
 # "generator": overrides of the toy VocoderConfig. The toy generator's multi-receptive-field blocks have
@@ -59,15 +61,18 @@ def speak(vocoder, items, true_durations):
 
 
 def load_items(run, data, split):
-    """train.py's vocoder items (wav, units, durations) of one split (test: its sentences), and their texts."""
-    rows = [r for r in in_split(read_manifest(data), split) if split == "train" or r.get("kind", "sent") == "sent"]
-    paths = argparse.Namespace(out=run, data=data)  # what train.py's vocoder_items reads
-    return vocoder_items(paths, rows, read_units(run)), [r["text"] for r in rows]
+    """train.py's vocoder items (wav, units, durations) of one split (test: its sentences), their texts, and K."""
+    rows = [r for r in in_split(load_manifest(data / "manifest.jsonl"), split)
+            if split == "train" or r.get("kind", "sent") == "sent"]
+    units, durations, n_units = read_run_units(run)
+    items = [(load_audio(data / r["audio"]), torch.tensor(units[r["id"]]), torch.tensor(durations[r["id"]]))
+             for r in rows]
+    return items, [r["text"] for r in rows], n_units
 
 
-def new_vocoder(generator=None):
-    """A toy vocoder for the run's units, with the schedule's generator overrides (a dict or None)."""
-    config = dataclasses.replace(VocoderConfig.from_preset("toy"), num_embeddings=DEFAULTS["toy"]["n_units"],
+def new_vocoder(n_units, generator=None):
+    """A toy vocoder for the run's K units, with the schedule's generator overrides (a dict or None)."""
+    config = dataclasses.replace(VocoderConfig.from_preset("toy"), num_embeddings=n_units,
                                  **(generator or {}))
     return UnitVocoder(config)
 
@@ -75,23 +80,23 @@ def new_vocoder(generator=None):
 def train_schedule(kwargs, run, data, threads, seed):
     """Train a fresh toy vocoder -> (its state dict, wall seconds, CPU seconds, last-20-steps train mel L1)."""
     torch.set_num_threads(threads)
-    train_items, _ = load_items(run, data, "train")
+    train_items, _, n_units = load_items(run, data, "train")
     torch.manual_seed(seed)
     train_kwargs = {k: v for k, v in kwargs.items() if k != "generator"}
-    vocoder = new_vocoder(kwargs.get("generator"))
+    vocoder = new_vocoder(n_units, kwargs.get("generator"))
     start, cpu_start = time.perf_counter(), time.process_time()
     history = train_vocoder(vocoder, train_items, seed=seed, progress=False, **train_kwargs)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return vocoder.state_dict(), seconds, cpu_seconds, sum(h["mel"] for h in history[-20:]) / len(history[-20:])
 
 
-def run_schedule(name, kwargs, args, test_items, texts):
+def run_schedule(name, kwargs, args, test_items, texts, n_units):
     # Training runs in a fresh process: once Whisper (CTranslate2) has run in a process, torch
     # training in that process was 3.7x slower here (CPU time 485 s instead of 130 s).
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         state, seconds, cpu_seconds, train_mel = pool.submit(
             train_schedule, kwargs, args.run, args.data, args.threads, args.seed).result()
-    vocoder = new_vocoder(kwargs.get("generator"))
+    vocoder = new_vocoder(n_units, kwargs.get("generator"))
     vocoder.load_state_dict(state)
     vocoder.eval()
     result = {"schedule": name, **kwargs, "train_seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
@@ -134,8 +139,8 @@ def main():
     torch.set_num_threads(args.threads)
     results_path = args.results or args.run / "vocoder_schedules.jsonl"
 
-    test_items, texts = load_items(args.run, args.data, "test")
-    print(f"{len(test_items)} test sentences, {DEFAULTS['toy']['n_units']} units, {args.threads} training thread(s)")
+    test_items, texts, n_units = load_items(args.run, args.data, "test")
+    print(f"{len(test_items)} test sentences, {n_units} units, {args.threads} training thread(s)")
     original_wer = word_error_rate(texts, whisper_transcribe([w for w, _, _ in test_items], progress=False))
     print(f"Whisper WER of the original test audio: {original_wer:.2f}")
 
@@ -146,7 +151,7 @@ def main():
         if name in done:
             continue
         print(f"training {name}: {SCHEDULES[name]}", flush=True)
-        result = run_schedule(name, SCHEDULES[name], args, test_items, texts)
+        result = run_schedule(name, SCHEDULES[name], args, test_items, texts, n_units)
         result["threads"] = args.threads
         print(json.dumps(result), flush=True)
         done[name] = result

@@ -167,6 +167,18 @@ def speech_to_deduped_units(wavs, encoder, layer, kmeans, batch_size=8, progress
 
 # ----------------------------------------------------------------------------- phone alignments, PNMI
 
+def read_run_units(run_dir):
+    """What a train.py run's units step wrote: units.jsonl -> ({utterance id: deduplicated units},
+    {utterance id: their durations in 50 Hz frames}, K). K is the phone recogniser's phone count
+    (run/phones) or the k-means size (run/kmeans)."""
+    run_dir = Path(run_dir)
+    rows = [json.loads(line) for line in (run_dir / "units.jsonl").read_text().splitlines()]
+    phones, kmeans = run_dir / "phones" / "config.json", run_dir / "kmeans" / "config.json"
+    n_units = (len(json.loads(phones.read_text())["phones"]) if phones.is_file()
+               else json.loads(kmeans.read_text())["n_clusters"])
+    return {r["id"]: r["units"] for r in rows}, {r["id"]: r["durations"] for r in rows}, n_units
+
+
 def read_segs(path):
     """Festival `.segs` alignment: a header ending with a line '#', then 'END_TIME 100 PHONE' lines,
     times in seconds. -> list of (start, end, phone)."""
@@ -232,6 +244,18 @@ def score_units(unit_seqs, alignment_paths):
 
 # ----------------------------------------------------------------------------- the HuBERT recipe
 
+def kmeans_sample(wavs, seed=0, seconds=4000):
+    """A seeded random subset of the waveforms, about `seconds` long in all (all of them if shorter)."""
+    order = np.random.default_rng(seed).permutation(len(wavs))
+    total, chosen = 0, []
+    for i in order:
+        if total >= seconds * 16000:
+            break
+        chosen.append(wavs[i])
+        total += len(wavs[i])
+    return chosen
+
+
 def train_unit_encoder(wavs, config, n_units=100, steps=(700,), target_layer=0, unit_layer=1, lr=2e-3,
                        batch_size=8, max_frames=64, warm_start=False, seed=0, bf16=False, progress=True):
     """HuBERT's iterations from scratch (one per entry of `steps`), then the unit quantiser.
@@ -261,6 +285,7 @@ def train_unit_encoder(wavs, config, n_units=100, steps=(700,), target_layer=0, 
         losses.append(pretrain(model, wavs, targets, n_steps, lr, batch_size, seed + iteration, max_frames, bf16=bf16,
                                progress=progress))
         models.append(model)
-    kmeans = fit_kmeans(extract_features(models[-1], wavs, unit_layer, progress=progress), n_units, seed)
+    sample = kmeans_sample(wavs, seed)  # k-means fits on 50,000 frames: encoding every utterance would be wasted
+    kmeans = fit_kmeans(extract_features(models[-1], sample, unit_layer, progress=progress), n_units, seed)
     return {"encoder": models[-1], "layer": unit_layer, "kmeans": kmeans, "iteration1": models[0],
             "mfcc_kmeans": mfcc_kmeans, "losses": losses}

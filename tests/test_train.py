@@ -9,10 +9,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tiny_data"
-REPORT_KEYS = ["units.pnmi_mfcc", "units.pnmi_hubert", "stage1.val_loss", "stage1.unigram_val_loss",
+REPORT_KEYS = ["units.pnmi", "units.phone_accuracy", "units.cross_voice_same_text", "units.cross_voice_other_text",
+               "stage0.val_loss", "stage0.fact_accuracy", "stage1.val_loss", "stage1.unigram_val_loss",
                "stage2.asr_wer", "stage2.asr_cer", "stage2.tts_unit_edit_distance", "stage3.transcript_wer",
-               "stage3.answer_accuracy", "stage3.speech_answer_unit_edit_distance", "vocoder.mel_l1",
-               "vocoder.rtf", "stage2.asr_wer_unseen_voice", "stage3.answer_accuracy_unseen_voice", "wall_seconds"]
+               "stage3.answer_accuracy", "stage3.speech_answer_unit_edit_distance", "stage3.well_formed",
+               "stage3.text_answer_accuracy", "stage3.knowledge_accuracy", "stage3.knowledge_accuracy_unseen_voice",
+               "stage3.knowledge_text_accuracy", "vocoder.mel_l1", "vocoder.rtf", "stage2.asr_wer_unseen_voice",
+               "stage3.answer_accuracy_unseen_voice", "wall_seconds"]
 
 
 def run_train(*args):
@@ -20,16 +23,15 @@ def run_train(*args):
                           capture_output=True, text=True, timeout=900)
 
 
-@pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory):
-    """A slice of tiny_data: a few sentences of every split and a few question/answer pairs."""
-    out = tmp_path_factory.mktemp("corpus")
+def slice_corpus(out):
+    """A slice of tiny_data in `out`: a few sentences of every split (the answer voice's too), a few
+    question/answer pairs of every split, and the start of the text corpus."""
     rows = [json.loads(line) for line in (TINY / "manifest.jsonl").read_text().splitlines()]
     pairs = [json.loads(line) for line in (TINY / "qa.jsonl").read_text().splitlines()]
-    chosen_pairs = ([p for p in pairs if p["split"] == "train"][:6] + [p for p in pairs if p["split"] == "valid"][:2]
-                    + [p for p in pairs if p["split"] == "test"][:2])
+    chosen_pairs = [p for split, n in (("train", 6), ("valid", 2), ("test", 2), ("test_knowledge", 2))
+                    for p in [p for p in pairs if p["split"] == split and p["question"]["audio"]][:n]]
     ids = {a for p in chosen_pairs for side in ("question", "answer") for a in p[side]["audio"]}
-    for split, n in (("train", 8), ("valid", 2), ("test", 2), ("test_unseen_voice", 2)):
+    for split, n in (("train", 8), ("valid", 2), ("test", 6), ("test_unseen_voice", 2)):
         ids |= {r["id"] for r in [r for r in rows if r["kind"] == "sent" and r["split"] == split][:n]}
     chosen_rows = [r for r in rows if r["id"] in ids]
     for row in chosen_rows:
@@ -39,7 +41,13 @@ def small_corpus(tmp_path_factory):
                 (out / row[key]).write_bytes((TINY / row[key]).read_bytes())
     (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen_rows))
     (out / "qa.jsonl").write_text("".join(json.dumps(p) + "\n" for p in chosen_pairs))
+    (out / "text_corpus.txt").write_text("\n".join((TINY / "text_corpus.txt").read_text().splitlines()[:300]) + "\n")
     return out
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    return slice_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")
@@ -55,31 +63,71 @@ def test_every_step_writes_its_part_and_the_report(smoke_run):
     report = json.loads((run_dir / "report.json").read_text())
     for key in REPORT_KEYS:
         assert key in report, key
-    for step in ("units", "stage1", "stage2", "stage3", "vocoder", "eval"):
+    for step in ("units", "stage0", "stage1", "stage2", "stage3", "vocoder", "eval"):
         assert f"== {step} done" in result.stdout
-    for path in ("hubert/model.safetensors", "kmeans/model.safetensors", "units.jsonl", "stage1/model/config.json",
+    for path in ("phones/model.safetensors", "units.jsonl", "stage0/model/config.json", "stage1/model/config.json",
                  "stage2/model/model.safetensors", "stage3/adapter/adapter_config.json",
-                 "vocoder/model.safetensors", "stage1/metrics.jsonl"):
+                 "vocoder/model.safetensors", "stage1/metrics.jsonl", "curves.png", "settings.json"):
         assert (run_dir / path).exists(), path
+    # each stage's evaluations decode held-out examples: task scores beside the loss
+    for stage, score in (("stage0", "fact_accuracy"), ("stage2", "asr_cer"), ("stage3", "answer_accuracy")):
+        records = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+        assert any(score in r and "val_loss" in r for r in records), stage
     units = [json.loads(line) for line in (run_dir / "units.jsonl").read_text().splitlines()]
     assert all(len(u["units"]) == len(u["durations"]) > 0 for u in units)
-    assert 0.0 <= report["units.pnmi_hubert"] <= 1.0 and report["vocoder.rtf"] > 0
+    assert 0.0 <= report["units.pnmi"] <= 1.0 and report["vocoder.rtf"] > 0
 
 
 def test_resume_skips_finished_steps(smoke_run, small_corpus):
     run_dir, _ = smoke_run
     result = run_train("--preset", "smoke", "--data", small_corpus, "--out", run_dir, "--resume", "--stage", "all")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("already done") == 6
+    assert result.stdout.count("already done") == 7
 
 
 def test_the_run_talks(smoke_run):
+    """The smoke run's model is untrained, so its words are noise; but the whole chain must run and
+    whatever it says must come back parsed: the text it generated, and the problems of its format."""
     from speechgpt_min.pipeline import SpeechGPT
 
     run_dir, _ = smoke_run
     result = SpeechGPT.from_run(run_dir, device="cpu").chat(text="what is two plus two", temperature=0,
                                                              max_new_tokens=8)
-    assert result.task == "dialogue" and isinstance(result.response.text, str)
+    assert result.task == "dialogue" and result.prompt.endswith("[Human]: what is two plus two<eoh>. [SpeechGPT]: ")
+    assert result.response.text and (result.response.problems or result.text_answer is not None)
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda d: (d / "audio").rename(d / "gone"), "missing (utterance"),
+    (lambda d: next((d / "audio").rglob("*.ogg")).write_bytes(b"not audio at all"), "not readable as audio"),
+    (lambda d: (d / "manifest.jsonl").write_text(
+        (d / "manifest.jsonl").read_text().replace('"voice": ', '"speaker": ', 1)), "missing ['voice']"),
+    (lambda d: (d / "manifest.jsonl").write_text(
+        (d / "manifest.jsonl").read_text().replace('"split": "valid"', '"split": "dev"', 1)), "unknown split 'dev'"),
+    (lambda d: (d / "manifest.jsonl").write_text("".join(
+        line + "\n" for line in (d / "manifest.jsonl").read_text().splitlines() if '"split": "valid"' not in line)),
+     "no utterances in split 'valid'"),
+    (lambda d: (d / "text_corpus.txt").unlink(), "text_corpus.txt: no such file"),
+])
+def test_bad_corpus_stops_before_any_training(tmp_path, breakage, message):
+    corpus = slice_corpus(tmp_path / "corpus")
+    breakage(corpus)
+    result = run_train("--preset", "smoke", "--data", corpus, "--out", tmp_path / "run")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "run" / "hubert").exists()  # nothing was trained
+
+
+def test_settings_can_be_changed_and_mistakes_are_named(tmp_path):
+    from train import DEFAULTS, UserError, apply_overrides
+
+    settings = apply_overrides(DEFAULTS["toy"], ["stage2.steps=900", "lm.dim=192", "n_units=50"])
+    assert (settings["stage2"]["steps"], settings["lm"]["dim"], settings["n_units"]) == (900, 192, 50)
+    assert DEFAULTS["toy"]["stage2"]["steps"] != 900  # the preset itself is untouched
+    for bad, message in (("stage2.stepz=1", "unknown setting 'stepz'"), ("stage9.steps=1", "'stage9' is not a group"),
+                         ("steps", "expected KEY=VALUE")):
+        with pytest.raises(UserError, match=message):
+            apply_overrides(DEFAULTS["toy"], [bad])
 
 
 def test_user_mistakes_get_one_line(tmp_path):
