@@ -38,9 +38,9 @@ from speechgpt_min.audio import AudioError, load_audio
 from speechgpt_min.data import (ASR_INSTRUCTIONS, SYSTEM_PROMPT, TTS_INSTRUCTIONS, DataError, check_corpus,
                                 encode_dialogues, in_split, load_text_corpus, pack_blocks, stage0_texts,
                                 stage1_texts, stage2_dialogues, stage3_dialogues, text_examples)
-from speechgpt_min.evaluate import (WHISPER_MISSING, cross_voice_similarity, evaluate_asr, evaluate_chain,
+from speechgpt_min.evaluate import (WHISPER_MISSING, cross_voice_similarity, evaluate_asr, evaluate_chain, evenly_spaced,
                                     evaluate_text_questions, evaluate_tts, evaluate_vocoder_speech,
-                                    fact_completion_accuracy, speech_whisper_wer, whisper_available)
+                                    fact_completion_accuracy, speech_whisper_wer, unigram_loss, whisper_available)
 from speechgpt_min.hubert import HubertConfig
 from speechgpt_min.hubert_training import mfcc_features
 from speechgpt_min.lora import LoRAConfig, inject, save_adapter
@@ -103,11 +103,6 @@ def load_wavs(data_dir, rows):
         return [load_audio(Path(data_dir) / row["audio"]) for row in rows]
     except AudioError as error:
         raise UserError(str(error)) from None
-
-
-def evenly_spaced(items, n):
-    """At most n of items, spread evenly over the list (so every skill and voice of a test set is in)."""
-    return items if len(items) <= n else [items[i * len(items) // n] for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- the corpus
@@ -296,15 +291,6 @@ def new_language_model(args, settings, corpus):
 def start_lm(args, settings, corpus, stage):
     previous = previous_lm_stage(args, stage)
     return load_stage(args, previous) if previous else new_language_model(args, settings, corpus)
-
-
-def unigram_loss(train_set, val_set):
-    """Cross-entropy (nats) of the validation targets under the training targets' unigram
-    distribution (add-one smoothed): the baseline a sequence model must beat."""
-    counts = torch.bincount(torch.tensor([t for e in train_set for t in e.labels[1:]]))
-    targets = torch.tensor([t for e in val_set for t in e.labels[1:]])
-    counts = torch.nn.functional.pad(counts, (0, max(0, int(targets.max()) + 1 - len(counts)))) + 1.0
-    return round(float(-(counts / counts.sum()).log()[targets].mean()), 4)
 
 
 def step_stage0(args, settings, report, corpus):

@@ -4,6 +4,8 @@
     unit_edit_distance(ref_units, hyp_units)                    # the same over unit sequences
     exact_match_accuracy(refs, hyps)                            # the text answer, after normalisation
     cross_voice_similarity(utterances)                          # one sentence's units in two voices
+    unigram_loss(train_set, val_set)                            # the baseline a sequence model must beat
+    evenly_spaced(items, n)                                     # a test subset that spans every skill and voice
     evaluate_asr(sgpt, items), evaluate_tts(sgpt, items), evaluate_chain(sgpt, items)
     evaluate_text_questions(sgpt, items), fact_completion_accuracy(sgpt, statements)
     whisper_transcribe(wavs)                                    # an independent recognizer, if installed
@@ -110,6 +112,20 @@ def cross_voice_similarity(utterances, max_pairs=2000, seed=0):
             other.append((a, b))
     mean = lambda pairs: sum(jaccard(a[1], b[1]) for a, b in pairs) / len(pairs)  # noqa: E731
     return {"same_text": mean(same), "other_text": mean(other)}
+
+
+def unigram_loss(train_set, val_set):
+    """Cross-entropy (nats) of the validation targets under the training targets' unigram
+    distribution (add-one smoothed): the baseline a sequence model must beat."""
+    counts = torch.bincount(torch.tensor([t for e in train_set for t in e.labels[1:]]))
+    targets = torch.tensor([t for e in val_set for t in e.labels[1:]])
+    counts = torch.nn.functional.pad(counts, (0, max(0, int(targets.max()) + 1 - len(counts)))) + 1.0
+    return round(float(-(counts / counts.sum()).log()[targets].mean()), 4)
+
+
+def evenly_spaced(items, n):
+    """At most n of items, spread evenly over the list (so every skill and voice of a test set is in)."""
+    return items if len(items) <= n else [items[i * len(items) // n] for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- evaluation (greedy)
