@@ -61,12 +61,12 @@ DEFAULTS = {
     "toy": dict(
         units="phones", phone_epochs=[2, 2], phone_recognizer=dict(channels=192),  # the toy's ears (phones.py)
         hubert_preset="toy", n_units=100, hubert_steps=[700], target_layer=0, unit_layer=1,  # with units=hubert
-        lm_preset="toy", lm={}, block_size=256, answer_voice=ANSWER_VOICE,
-        stage0=dict(steps=100, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=10),
-        stage1=dict(steps=50, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=5),
+        lm_preset="toy", lm={}, block_size=256, answer_voice=ANSWER_VOICE, text_replay=0.3,
+        stage0=dict(steps=300, batch_size=64, lr=2e-3, min_lr=2e-4, warmup_steps=20),
+        stage1=dict(steps=0, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=5),  # 0: skipped (README)
         stage2=dict(steps=800, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=20),
         stage3=dict(steps=300, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=10),
-        lora="speechgpt",
+        lora="toy",
         # the mel vocoder on the answer voice: 1000 steps of 4 utterances, about a minute (README, vocoder)
         vocoder_preset="toy", vocoder=dict(steps=1000, batch_size=4, lr=4e-3),
         eval_tokens=dict(asr=64, tts=256, chain=384),  # generation limits: tiny_data's longest answers fit
@@ -79,7 +79,7 @@ DEFAULTS = {
     "smoke": dict(
         units="phones", phone_epochs=[1, 1], phone_recognizer=dict(channels=32),
         hubert_preset="toy", n_units=20, hubert_steps=[2, 2], target_layer=2, unit_layer=3,
-        lm_preset="toy", lm={}, block_size=64, answer_voice=ANSWER_VOICE,
+        lm_preset="toy", lm={}, block_size=64, answer_voice=ANSWER_VOICE, text_replay=0.3,
         stage0=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
         stage1=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
         stage2=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
@@ -251,10 +251,15 @@ def save_stage(args, stage, model, tokenizer):
     tokenizer.save_pretrained(directory)
 
 
-def previous_lm_stage(args, stage):
-    """The stage whose model this one starts from (stage 0 when it ran, else a new model)."""
-    order = [s for s in LM_STAGES if s != "stage0" or not args.no_text_pretraining]
-    return order[order.index(stage) - 1] if order.index(stage) > 0 else None
+def skipped(args, settings, stage):
+    """Stage 0 without text pretraining, and any LM stage the settings give no steps, do not run."""
+    return (stage == "stage0" and args.no_text_pretraining) or (stage in LM_STAGES and settings[stage]["steps"] == 0)
+
+
+def previous_lm_stage(args, settings, stage):
+    """The stage whose model this one starts from (the last earlier stage that ran, else a new model)."""
+    earlier = [s for s in LM_STAGES[:LM_STAGES.index(stage)] if not skipped(args, settings, s)]
+    return earlier[-1] if earlier else None
 
 
 def val_loss(history):
@@ -289,7 +294,7 @@ def new_language_model(args, settings, corpus):
 
 
 def start_lm(args, settings, corpus, stage):
-    previous = previous_lm_stage(args, stage)
+    previous = previous_lm_stage(args, settings, stage)
     return load_stage(args, previous) if previous else new_language_model(args, settings, corpus)
 
 
@@ -336,6 +341,12 @@ def step_stage2(args, settings, report, corpus):
                  for split in ("train", "valid")}
     train_set = encode_dialogues(tokenizer, dialogues["train"], context)
     val_set = encode_dialogues(tokenizer, dialogues["valid"], context)
+    if not skipped(args, settings, "stage0") and settings["text_replay"] > 0:
+        # Text replay: stage 0's lines mixed in (text_replay per instruction example), so that learning
+        # to read and write units does not wash out what the text taught (catastrophic forgetting).
+        text = text_examples(tokenizer, stage0_texts(corpus.text_corpus(), args.seed + 1))
+        train_set += text[:int(settings["text_replay"] * len(train_set))]
+        print(f"stage2: {len(train_set)} training examples, text replay {settings['text_replay']}")
     others, _ = corpus.sentences("valid", voice)
     watched = [(units[r["id"]], r["text"]) for r in evenly_spaced(others, settings["watch"])]
 
@@ -566,9 +577,9 @@ def main(argv=None):
     settings = apply_overrides(DEFAULTS[args.preset], args.overrides)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    steps = [s for s in STEPS if not (s == "stage0" and args.no_text_pretraining)]
-    if args.stage == "stage0" and args.no_text_pretraining:
-        raise UserError("--stage stage0 with --no-text-pretraining: nothing to do")
+    steps = [s for s in STEPS if not skipped(args, settings, s)]
+    if args.stage != "all" and skipped(args, settings, args.stage):
+        raise UserError(f"--stage {args.stage}: the settings skip it (--no-text-pretraining, or 0 steps)")
     corpus = Corpus(args, settings)  # checks the whole corpus before any work
     if "stage0" in steps and args.stage in ("all", "stage0"):
         corpus.text_corpus()

@@ -72,6 +72,10 @@ class LoRAConfig:
 LORA_PRESETS = {
     # SpeechGPT-7B-com, stage 3 (chain-of-modality instruction tuning).
     "speechgpt": dict(r=8, alpha=16, dropout=0.05, target_modules=("q_proj", "v_proj")),
+    # The toy LM (dim 256): a rank-8 update of two projections is too little room to learn the chain
+    # (README, the toy run); every projection of attention and MLP at rank 32.
+    "toy": dict(r=32, alpha=64, dropout=0.05,
+                target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
 }
 
 

@@ -139,3 +139,17 @@ def test_user_mistakes_get_one_line(tmp_path):
     assert "run the units step first" in result.stderr or "run that stage first" in result.stderr
     result = run_train("--init-from", tmp_path)
     assert result.returncode != 0 and "not an HF model directory" in result.stderr
+
+
+def test_skipped_stages_hand_their_place_to_the_last_stage_that_ran():
+    from argparse import Namespace
+
+    from train import DEFAULTS, UserError, apply_overrides, main, previous_lm_stage
+
+    settings = apply_overrides(DEFAULTS["smoke"], ["stage1.steps=0"])
+    with_text, without_text = Namespace(no_text_pretraining=False), Namespace(no_text_pretraining=True)
+    assert previous_lm_stage(with_text, settings, "stage2") == "stage0"  # stage 1 has no steps
+    assert previous_lm_stage(without_text, settings, "stage2") is None  # a new model
+    assert previous_lm_stage(with_text, DEFAULTS["smoke"], "stage2") == "stage1"
+    with pytest.raises(UserError, match="the settings skip it"):
+        main(["--preset", "smoke", "--set", "stage1.steps=0", "--stage", "stage1"])
