@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from speechgpt_min.mel_vocoder import MelVocoder, MelVocoderConfig, griffin_lim, load_vocoder
 from speechgpt_min.vocoder import UnitVocoder, VocoderConfig, VocoderInputError
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "unit_hifigan"
+REFERENCE = Path(__file__).resolve().parent / "reference" / "unit_hifigan"  # the released format's golden data
 # A small generator of the same architecture, for fast tests.
 SMALL = VocoderConfig(num_embeddings=100, embedding_dim=16, upsample_initial_channel=32, dur_hidden_dim=16,
                       resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1, 3, 5),))
@@ -22,8 +22,7 @@ SMALL_MEL = MelVocoderConfig(num_embeddings=100, channels=16, encoder_layers=1, 
 
 @pytest.fixture(scope="module")
 def reference():
-    if not (REFERENCE / "g_tiny.pt").exists():
-        pytest.skip(f"reference vocoder files not found at {REFERENCE}")
+    assert (REFERENCE / "g_tiny.pt").exists(), f"the reference vocoder files are missing from {REFERENCE}"
     return REFERENCE
 
 
