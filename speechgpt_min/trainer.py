@@ -35,6 +35,7 @@ import math
 import os
 import random
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -305,6 +306,21 @@ def shared_prefix(batch, gradient_checkpointing, at_least=16):
     return n if n >= at_least else 0
 
 
+def prefix_groups(examples, head=16):
+    """A micro-batch in at most two parts: the rows that start as most of its rows do (BOS and the
+    system prompt, when instruction examples are mixed with text lines), and the others, when the
+    first part then has a shared prefix to compute once; else the batch whole. The step's loss and
+    gradient are the same sums either way."""
+    heads = Counter(tuple(e.tokens[:head]) for e in examples)
+    common, count = heads.most_common(1)[0]
+    if count < 2 or count == len(examples):
+        return [examples]
+    alike = [e for e in examples if tuple(e.tokens[:head]) == common]
+    if shared_prefix(collate(alike), gradient_checkpointing=False, at_least=head) == 0:
+        return [examples]  # the common start carries targets: nothing to save
+    return [alike, [e for e in examples if tuple(e.tokens[:head]) != common]]
+
+
 def evaluate(model, examples, cfg, device, autocast):
     """Mean loss per target token over the validation examples (each process takes a share)."""
     rank, world_size = world()
@@ -410,15 +426,17 @@ def train(model, train_set, cfg, val_set=None, score_tasks=None):
         loss_sum = 0.0
         for m, batch in enumerate(micro):
             mine = shard(batch, rank, world_size)
-            b = collate(mine)
-            x, y = b["input_ids"].to(device), b["labels"].to(device)  # (b, T) each
-            with grad_sync(model, sync=m == cfg.grad_accum - 1):
-                with autocast:
-                    _, loss = model(x, y, shared_prefix=shared_prefix(b, cfg.gradient_checkpointing))  # mean over targets
-                # Re-weight to this shard's share of the step's sum; DDP/FSDP average over processes.
-                loss = loss * (sum(n_targets(e) for e in mine) / step_targets)
-                (loss * world_size).backward()
-            loss_sum += loss.item()
+            parts = prefix_groups(mine) if world_size == 1 and not cfg.gradient_checkpointing else [mine]
+            for p, part in enumerate(parts):
+                b = collate(part)
+                x, y = b["input_ids"].to(device), b["labels"].to(device)  # (b, T) each
+                with grad_sync(model, sync=m == cfg.grad_accum - 1 and p == len(parts) - 1):
+                    with autocast:
+                        _, loss = model(x, y, shared_prefix=shared_prefix(b, cfg.gradient_checkpointing))  # mean over targets
+                    # Re-weight to this part's share of the step's sum; DDP/FSDP average over processes.
+                    loss = loss * (sum(n_targets(e) for e in part) / step_targets)
+                    (loss * world_size).backward()
+                loss_sum += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.requires_grad], cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         optimizer.step()

@@ -125,10 +125,9 @@ from test_trainer import setup_lora_run
 from speechgpt_min.trainer import train
 torch.set_num_threads({threads})
 model, train_set, val_set, cfg = setup_lora_run({out!r}, **{overrides!r})
-forward, calls = model.forward, [0]
+forward, metrics = model.forward, os.path.join({out!r}, "metrics.jsonl")
 def forward_then_die(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] == {kill_at}:
+    if os.path.exists(metrics) and len(open(metrics).readlines()) == {kill_after}:
         os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no exception handlers: a real crash
     return forward(*args, **kwargs)
 model.forward = forward_then_die
@@ -149,19 +148,18 @@ def test_resume_after_a_crash_is_exact(tmp_path, stage, crash):
     train(model, train_set, cfg, val_set)
     expected = params(model)
 
-    # 2 micro-batches per step and one eval forward per 4 steps: forward 21 is in step 10, after the step-8 checkpoint
+    # the first forward once step 9 is logged is in step 10, after the step-8 checkpoint
     if crash == "kill -9":
         script = KILLED_RUN.format(tests=str(Path(__file__).parent), threads=torch.get_num_threads(),
-                                   out=str(tmp_path / "crashed"), overrides=overrides, kill_at=21)
+                                   out=str(tmp_path / "crashed"), overrides=overrides, kill_after=9)
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
         assert done.returncode == -signal.SIGKILL, done.stderr
     else:
         model, train_set, val_set, cfg = setup_lora_run(tmp_path / "crashed", **overrides)
-        forward, calls = model.forward, [0]
+        forward = model.forward
 
         def forward_then_raise(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] == 21:
+            if len(losses(tmp_path / "crashed")) == 9:
                 raise SimulatedCrash
             return forward(*args, **kwargs)
 
@@ -295,7 +293,8 @@ def test_activation_checkpointing_and_cpu_bf16(tmp_path):
     model, train_set, val_set, cfg = setup_run(tmp_path / "plain", steps=4)
     plain = [r["loss"] for r in train(model, train_set, cfg, val_set)]
     model, train_set, val_set, cfg = setup_run(tmp_path / "ckpt", steps=4, gradient_checkpointing=True)
-    assert [r["loss"] for r in train(model, train_set, cfg, val_set)] == plain  # recomputation is exact
+    recomputed = [r["loss"] for r in train(model, train_set, cfg, val_set)]  # whole rows, no shared prefix
+    torch.testing.assert_close(torch.tensor(recomputed), torch.tensor(plain), rtol=1e-6, atol=1e-6)
     assert model.gradient_checkpointing
     model, train_set, val_set, cfg = setup_run(tmp_path / "bf16", steps=4, dtype="bfloat16")
     bf16 = [r["loss"] for r in train(model, train_set, cfg, val_set)]
@@ -338,3 +337,38 @@ def test_a_shared_prefix_is_computed_once_with_the_same_loss_and_gradients():
     torch.testing.assert_close(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_a_mixed_batch_splits_into_prefix_groups_with_the_same_loss_and_gradients():
+    """Instruction examples (BOS + system prompt) mixed with text lines: the loop runs the two kinds as
+    two parts, each part's loss weighted by its share of the targets, which sums to the whole batch's."""
+    from speechgpt_min.data import Example, collate, n_targets
+    from speechgpt_min.trainer import prefix_groups
+
+    torch.manual_seed(0)
+    prompt = torch.randint(4, 300, (20,)).tolist()
+    prompted = [Example(prompt + torch.randint(4, 300, (n,)).tolist(), [IGNORE_INDEX] * 22 +
+                        torch.randint(4, 300, (n - 2,)).tolist()) for n in (12, 30, 18)]
+    lines = [Example(t, t) for t in (torch.randint(4, 300, (n,)).tolist() for n in (7, 9))]
+    batch = [prompted[0], lines[0], prompted[1], lines[1], prompted[2]]
+    parts = prefix_groups(batch)
+    assert parts == [prompted, lines]
+    assert prefix_groups(prompted) == [prompted] and prefix_groups(lines) == [lines]
+    model = Transformer(LMConfig.from_preset("toy", vocab_size=300, n_layers=2))
+    total = sum(n_targets(e) for e in batch)
+
+    def loss_and_grads(groups):
+        model.zero_grad()
+        value = 0.0
+        for part in groups:
+            b = collate(part)
+            _, loss = model(b["input_ids"], b["labels"], shared_prefix=shared_prefix(b, False))
+            loss = loss * sum(n_targets(e) for e in part) / total
+            loss.backward()
+            value += loss.item()
+        return value, [p.grad.clone() for p in model.parameters()]
+
+    whole, split = loss_and_grads([batch]), loss_and_grads(parts)
+    assert whole[0] == pytest.approx(split[0], rel=1e-5)
+    for a, b in zip(whole[1], split[1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
