@@ -362,9 +362,12 @@ class SpeechGPT:
             except ValueError:  # an id the tokenizer does not assign (a padded embedding row): end here
                 break
             new.append(token)
-            done = END_OF_ANSWER in text or (stop_at is not None and stop_at in text)
-            if done:
-                text = text[:text.index(END_OF_ANSWER) + len(END_OF_ANSWER)]
+            for end in (END_OF_ANSWER, stop_at):
+                if end is not None and end in text:  # cut there: a token may run past it
+                    text, done = text[:text.index(end) + len(end)], True
+                    break
+            else:
+                done = False
             if on_text is not None:
                 ready = text if done else text.rstrip("\ufffd")  # hold back a half-decoded character
                 if len(ready) > shown:

@@ -236,6 +236,9 @@ def test_generate_stops_at_eoa_text_or_eos(sgpt, monkeypatch):
         assert sgpt.generate("x") == "[ta] four"
     monkeypatch.setattr(sgpt.lm, "stream", _fake_stream(tok.encode("four four four four")))
     assert sgpt.generate("x", max_new_tokens=2) == tok.decode(tok.encode("four four four four")[:2])
+    monkeypatch.setattr(sgpt.lm, "stream", _fake_stream(tok.encode("hi; [ta] four; [ua] <sosp><1><eosp><eoa>")))
+    assert sgpt.generate("x", stop_at="[ua]") == "hi; [ta] four; [ua]"  # an evaluation that needs only the text
+    assert sgpt.generate("x", stop_at="[xx]") == "hi; [ta] four; [ua] <sosp><1><eosp><eoa>"
 
 
 def test_greedy_is_deterministic_and_streaming_matches(sgpt):
