@@ -94,7 +94,8 @@ def test_the_run_talks(smoke_run):
     result = SpeechGPT.from_run(run_dir, device="cpu").chat(text="what is two plus two", temperature=0,
                                                              max_new_tokens=8)
     assert result.task == "dialogue" and result.prompt.endswith("[Human]: what is two plus two<eoh>. [SpeechGPT]: ")
-    assert result.response.text and (result.response.problems or result.text_answer is not None)
+    # an untrained model may say nothing at all: then the parse says what is missing
+    assert result.response.complete or result.response.problems
 
 
 @pytest.mark.parametrize("breakage, message", [
