@@ -89,7 +89,8 @@ def load(args):
         hint = "make it with `python train.py`" if args.run is None else "check the path, or make a run with `python train.py`"
         raise UserError(f"no trained run at {run}: {hint} (or use released-format weights with --lm ...)")
     print(f"loading {run}", file=sys.stderr)
-    sgpt = SpeechGPT.from_run(run, device=args.device)
+    # ASR and TTS are stage 2's tasks; stage 3's adapter answers in the chain-of-modality form
+    sgpt = SpeechGPT.from_run(run, device=args.device, adapter=args.task == "dialogue")
     if args.prompts is not None:
         sgpt.prompts = PROMPT_FORMATS[args.prompts]
     return sgpt

@@ -415,8 +415,8 @@ def step_vocoder(args, settings, report, corpus):
 def step_eval(args, settings, report, corpus):
     """Held-out evaluation of the whole run: nothing here was trained on."""
     units = corpus.units()
-    try:
-        sgpt = SpeechGPT.from_run(args.out, device=args.device)
+    try:  # ASR and TTS are stage 2's tasks; stage 3's adapter answers everything as a chain
+        stage2, sgpt = (SpeechGPT.from_run(args.out, device=args.device, adapter=a) for a in (False, True))
     except PipelineError as error:
         raise UserError(str(error)) from None
     limit, voice = settings["eval_tokens"], settings["answer_voice"]
@@ -426,14 +426,14 @@ def step_eval(args, settings, report, corpus):
     for rows, suffix in ((seen, ""), (unseen, "_unseen_voice")):
         if rows:
             items = [(units[r["id"]], r["text"]) for r in evenly_spaced(rows, settings["eval_sentences"])]
-            asr = evaluate_asr(sgpt, items, limit["asr"])
+            asr = evaluate_asr(stage2, items, limit["asr"])
             report[f"stage2.asr_wer{suffix}"], report[f"stage2.asr_cer{suffix}"] = round(asr["wer"], 4), round(asr["cer"], 4)
     # TTS of held-out sentences, against the answer voice's reading of them.
     if answer_voice_readings:
         items = [(r["text"], units[r["id"]]) for r in evenly_spaced(answer_voice_readings, settings["eval_sentences"])]
-        tts = evaluate_tts(sgpt, items, limit["tts"])
+        tts = evaluate_tts(stage2, items, limit["tts"])
         report["stage2.tts_unit_edit_distance"] = round(tts["unit_edit_distance"], 4)
-        report["stage2.tts_whisper_wer"] = rounded(speech_whisper_wer(sgpt, tts["answer_units"], [t for t, _ in items]))
+        report["stage2.tts_whisper_wer"] = rounded(speech_whisper_wer(stage2, tts["answer_units"], [t for t, _ in items]))
     # Spoken questions about known facts in held-out phrasings: seen voices, and the unseen voice.
     for audio_split, suffix in (("test", ""), ("test_unseen_voice", "_unseen_voice")):
         items = corpus.spoken_questions("test", audio_split, units)

@@ -272,8 +272,11 @@ class SpeechGPT:
         return cls(lm, tokenizer, encoder, hubert_layer, kmeans, vocoder, prompts, phones=phones)
 
     @classmethod
-    def from_run(cls, run_dir, device="auto"):
-        """Assemble a run made by train.py: stage2/model (+ stage3/adapter), phones/ or hubert/ + kmeans/, vocoder/."""
+    def from_run(cls, run_dir, device="auto", adapter=True):
+        """Assemble a run made by train.py: stage2/model (+ stage3/adapter), phones/ or hubert/ + kmeans/, vocoder/.
+
+        adapter=False leaves stage 3's LoRA out: the stage-2 model, the one trained for ASR and TTS
+        (stage 3 trains the chain of modality only, and its adapter answers every prompt in that form)."""
         run = Path(run_dir)
         if not run.is_dir():
             raise PipelineError(f"{run}: no such run directory (make one with `python train.py`)")
@@ -282,10 +285,10 @@ class SpeechGPT:
             raise PipelineError(f"{run}: no trained language model in stage2/model (run `python train.py` "
                                 f"to the end of stage 2)")
         has_tokenizer = any((lm_dir / name).exists() for name in (SENTENCEPIECE_FILE, HF_FILE, WORD_FILE))
-        adapter = run / "stage3" / "adapter"
+        adapter = run / "stage3" / "adapter" if adapter else None
         hubert, kmeans, vocoder, phones = run / "hubert", run / "kmeans", run / "vocoder", run / "phones"
         hears_phones = phones.is_dir()  # the units step made a phone recogniser, or a HuBERT and its k-means
-        return cls.from_parts(lm_dir, adapter if adapter.is_dir() else None,
+        return cls.from_parts(lm_dir, adapter if adapter is not None and adapter.is_dir() else None,
                               hubert if hubert.is_dir() and not hears_phones else None, None,
                               kmeans if kmeans.is_dir() and not hears_phones else None,
                               vocoder if (vocoder / "config.json").is_file() else None,

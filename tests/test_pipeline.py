@@ -166,6 +166,8 @@ def test_from_run_assembles_every_part_and_merges_the_adapter(run, sgpt):
     merged = layer.weight + layer.delta_weight()  # stage 2 weight + the stage 3 update
     torch.testing.assert_close(sgpt.lm.layers[0].self_attn.q_proj.weight, merged)
     assert not lora_layers(sgpt.lm)  # folded into plain linear layers
+    stage2 = SpeechGPT.from_run(directory, device="cpu", adapter=False)  # the ASR/TTS model, without stage 3
+    torch.testing.assert_close(stage2.lm.layers[0].self_attn.q_proj.weight, layer.weight)
 
 
 def test_prompts_are_the_training_prefixes(sgpt):
