@@ -52,7 +52,7 @@ from speechgpt_min.phones import PhoneRecognizerConfig, n_frames, normalised_mfc
 from speechgpt_min.units import dedup, frame_phones, read_run_units, read_segs, score_units, speech_to_units, train_unit_encoder
 from speechgpt_min.mel_vocoder import MelVocoder, MelVocoderConfig
 from speechgpt_min.vocoder_training import train_mel_vocoder
-from speechgpt_min.weights import expand_vocab, load_pretrained, save_pretrained
+from speechgpt_min.weights import expand_vocab, load_pretrained, reinit_rows, save_pretrained
 
 ANSWER_VOICE = "fest_kal"  # tiny_data's answer voice: TTS targets and spoken answers
 
@@ -91,13 +91,6 @@ DEFAULTS = {
         watch=2,
     ),
 }
-# The toy model and units with the LM stages trained longer: the facts of the text corpus need more
-# than the toy's 300 steps of stage 0, and held-out ASR is still improving at its 800 steps of stage 2
-# (docs/recipe.md). About an hour on 2 CPU cores.
-DEFAULTS["laptop"] = {**DEFAULTS["toy"],
-                      "stage0": {**DEFAULTS["toy"]["stage0"], "steps": 1200},
-                      "stage2": {**DEFAULTS["toy"]["stage2"], "steps": 3000},
-                      "stage3": {**DEFAULTS["toy"]["stage3"], "steps": 1000}}
 LM_STAGES = ("stage0", "stage1", "stage2", "stage3")
 
 
@@ -319,6 +312,8 @@ def step_stage0(args, settings, report, corpus):
         return {"fact_accuracy": fact_completion_accuracy(SpeechGPT(lm, tokenizer), watched)}
 
     history = train(model, train_set, train_config(args, settings, "stage0"), val_set, score if watched else None)
+    seen = {token for example in train_set for token in example.tokens}
+    reinit_rows(model, [i for i in range(tokenizer.vocab_size) if i not in seen], seed=args.seed)  # units etc.
     save_stage(args, "stage0", model, tokenizer)
     report["stage0.val_loss"] = val_loss(history)
     report["stage0.fact_accuracy"] = history[-1].get("fact_accuracy")

@@ -365,3 +365,21 @@ def expand_vocab(model, new_vocab_size):
         model.lm_head.out_features = new_vocab_size
     model.config = replace(model.config, vocab_size=new_vocab_size)
     return model
+
+
+@torch.no_grad()
+def reinit_rows(model, token_ids, std=0.02, seed=0):
+    """Fresh random embeddings (normal, the std of initialisation) for token_ids, in place.
+
+    Text pretraining never shows the unit tokens, yet with tied embeddings it moves their rows: a
+    token that is never the target is pushed away from every hidden state as output, so all the unit
+    rows grow along the same direction (after the toy's stage 0 their mean cosine similarity is 0.94).
+    As inputs they then look alike, and stage 2 must first pull them apart. Giving them new random
+    rows before the speech stages removes that (docs/recipe.md).
+    """
+    ids = torch.as_tensor(sorted(token_ids), dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    for weight in [model.embed_tokens.weight] + ([model.lm_head.weight] if model.lm_head is not None else []):
+        fresh = torch.randn(len(ids), weight.shape[1], generator=generator) * std
+        weight[ids.to(weight.device)] = fresh.to(weight.dtype).to(weight.device)
+    return model

@@ -335,3 +335,20 @@ def test_saving_a_model_with_lora_layers_asks_to_merge_first(tmp_path):
     lora.merge_and_unload(model)
     save_pretrained(model, tmp_path)
     assert load_pretrained(tmp_path).config == model.config
+
+
+def test_reinit_rows_renews_only_the_given_tokens():
+    from speechgpt_min.model import LMConfig, Transformer
+    from speechgpt_min.weights import reinit_rows
+
+    torch.manual_seed(0)
+    model = Transformer(LMConfig.from_preset("toy", vocab_size=50, n_layers=1))
+    with torch.no_grad():
+        model.embed_tokens.weight[40:] = 5.0  # collapsed rows, as text pretraining leaves the unit tokens
+    before = model.embed_tokens.weight.detach().clone()
+    reinit_rows(model, range(40, 50))
+    after = model.embed_tokens.weight.detach()
+    assert torch.equal(after[:40], before[:40])
+    rows = torch.nn.functional.normalize(after[40:], dim=1)
+    assert (rows @ rows.T - torch.eye(10)).abs().max() < 0.9  # no longer alike
+    assert 0.01 < after[40:].std() < 0.03  # the scale of a new model's rows
