@@ -31,7 +31,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lossless = {r["id"]: r for r in load_manifest(args.lossless / "manifest.jsonl")}
-    sgpt = SpeechGPT.from_run(args.run, device="cpu")
+    sgpt = SpeechGPT.from_run(args.run, device="cpu", adapter=False)  # the stage-2 model: ASR is its task
     print("| split | sentences | format | toy ASR CER | toy ASR WER | Whisper WER |\n| --- | ---: | --- | ---: | ---: | ---: |")
     for split in ("test", "test_unseen_voice"):
         rows = [r for r in load_manifest(args.data / "manifest.jsonl") if r["split"] == split and r["kind"] == "sent"]
