@@ -5,15 +5,18 @@
     python train.py --set stage2.steps=900 --set lm.dim=192   # change any setting of the preset
 
 Steps, in order (each writes into the run directory and adds its numbers to report.json):
-  units   HuBERT pretraining on MFCC k-means targets, k-means on the chosen layer, units for every
-          utterance (units.jsonl), and unit quality: PNMI of MFCC and HuBERT units on held-out speech,
-          and how alike one sentence's units are in two voices.
+  units   the toy's ears: a phone recogniser (phones.py) learnt from festival's alignments and forced
+          alignment, or with --set units=hubert HuBERT pretraining + k-means; units for every
+          utterance (units.jsonl), and their quality: PNMI and phone accuracy on held-out speech, and
+          how alike one sentence's units are in two voices.
   stage0  text pretraining: the LM learns the corpus's text (the toy's stand-in for LLaMA's
           pretraining: it is where the model learns the world's facts). --no-text-pretraining skips it.
-  stage1  modality adaptation: the LM learns unit sequences of the training speech.
+  stage1  modality adaptation: the LM learns unit sequences of the training speech (the toy preset
+          skips it, stage1.steps=0: in its budget it slowed stage 2 down; docs/recipe.md).
   stage2  cross-modal instruction: ASR (every voice) and TTS (the answer voice), every weight trained.
   stage3  chain of modality: spoken question -> transcript -> text answer -> spoken answer (LoRA).
-  vocoder unit HiFi-GAN with a duration predictor, trained on the training speech and its units.
+  vocoder the toy's mel vocoder (units -> log-mel with context -> Griffin-Lim, mel_vocoder.py), trained
+          on the answer voice's training speech and its units.
   eval    everything on held-out data: ASR, TTS, spoken and typed questions (known facts in new
           phrasings, and facts only the text corpus stated), the vocoder; seen and unseen voices.
 
@@ -543,7 +546,7 @@ def parse_args(argv=None):
     parser.add_argument("--stage", choices=["all", *STEPS], default="all",
                         help="run one step (from the previous step's output in --out), or all of them (default)")
     parser.add_argument("--preset", choices=sorted(DEFAULTS), default="toy",
-                        help="model sizes and step budgets (default: toy, about 15 minutes on 2 CPU cores)")
+                        help="model sizes and step budgets (default: toy, sized for minutes on 2 CPU cores; smoke: a few steps of each)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="change one setting of the preset, e.g. stage2.steps=900 or lm.dim=192 (repeatable)")
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parent / "tiny_data",
