@@ -54,7 +54,7 @@ from speechgpt_min.trainer import TrainConfig, fast_bfloat16, train
 from speechgpt_min.phones import PhoneRecognizerConfig, n_frames, normalised_mfcc, train_phone_recognizer
 from speechgpt_min.units import dedup, frame_phones, read_run_units, read_segs, score_units, speech_to_units, train_unit_encoder
 from speechgpt_min.mel_vocoder import MelVocoder, MelVocoderConfig
-from speechgpt_min.vocoder_training import train_mel_vocoder
+from speechgpt_min.vocoder_training import train_mel_vocoder, vocoder_items
 from speechgpt_min.weights import expand_vocab, load_pretrained, reinit_rows, save_pretrained
 
 ANSWER_VOICE = "fest_kal"  # tiny_data's answer voice: TTS targets and spoken answers
@@ -120,6 +120,7 @@ class Corpus:
             raise UserError(f"{error} (expected a corpus directory like tiny_data/)") from None
         self.data, self.run, self.settings = args.data, args.out, settings
         self.by_id = {r["id"]: r for r in self.rows}
+        self._read_units = None
 
     def text_corpus(self):
         try:
@@ -136,9 +137,13 @@ class Corpus:
         return self._units()[0 if field == "units" else 1]
 
     def _units(self):
-        if not (self.run / "units.jsonl").is_file():
-            raise UserError(f"{self.run}/units.jsonl: no units yet; run the units step first (python train.py --stage units)")
-        return read_run_units(self.run)
+        """units.jsonl, read once (after the units step wrote it)."""
+        if self._read_units is None:
+            if not (self.run / "units.jsonl").is_file():
+                raise UserError(f"{self.run}/units.jsonl: no units yet; run the units step first "
+                                f"(python train.py --stage units)")
+            self._read_units = read_run_units(self.run)
+        return self._read_units
 
     def sentences(self, split, answer_voice):
         """Read sentences of a split: (the other voices' readings, the answer voice's)."""
@@ -191,7 +196,7 @@ def step_units(args, settings, report, corpus):
     similarity = cross_voice_similarity([(r["text"], r["voice"], merged[r["id"]]) for r in rows])
     if similarity is not None:
         report["units.cross_voice_same_text"] = round(similarity["same_text"], 4)
-        report["units.cross_voice_other_text"] = round(similarity["other_text"], 4)
+        report["units.cross_voice_other_text"] = rounded(similarity["other_text"])
     report["units.kind"], report["units.n_units"] = settings["units"], corpus.n_units()
     report["units.per_second"] = round(sum(len(merged[r["id"]]) for r in rows) / sum(len(w) for w in wavs) * 16000, 2)
     print(f"units: PNMI on the unseen voice {report.get('units.pnmi')}; one sentence in two voices: unit-bigram "
@@ -389,10 +394,11 @@ def step_stage3(args, settings, report, corpus):
           f"questions {history[-1].get('answer_accuracy')}")
 
 
-def vocoder_items(args, rows, units, durations):
-    """(wav, deduplicated units, durations in frames) per utterance."""
-    wavs = load_wavs(args.data, rows)
-    return [(w, torch.tensor(units[r["id"]]), torch.tensor(durations[r["id"]])) for w, r in zip(wavs, rows)]
+def vocoder_data(args, rows, units, durations):
+    try:
+        return vocoder_items(args.data, rows, units, durations)
+    except AudioError as error:
+        raise UserError(str(error)) from None
 
 
 def step_vocoder(args, settings, report, corpus):
@@ -404,7 +410,7 @@ def step_vocoder(args, settings, report, corpus):
     vocoder = MelVocoder(MelVocoderConfig.from_preset(settings["vocoder_preset"], num_embeddings=corpus.n_units()))
     print(f"vocoder: {sum(p.numel() for p in vocoder.parameters()) / 1e6:.2f}M parameters, "
           f"{len(train_rows)} training utterances of {voice}")
-    items = vocoder_items(args, train_rows, corpus.units(), corpus.units("durations"))
+    items = vocoder_data(args, train_rows, corpus.units(), corpus.units("durations"))
     history = train_mel_vocoder(vocoder, items, seed=args.seed, **settings["vocoder"])
     vocoder.save_pretrained(args.out / "vocoder")
     report["vocoder.final_train_mel_l1"] = round(sum(h["mel"] for h in history[-20:]) / len(history[-20:]), 4)
@@ -465,7 +471,7 @@ def evaluate_vocoder_on_test(args, sgpt, test_rows, units, durations, report):
     (mel L1, real-time factor, re-encoded units, Whisper WER next to the original audio's)."""
     if sgpt.vocoder is None or not test_rows:
         return
-    scores = evaluate_vocoder_speech(sgpt.vocoder, vocoder_items(args, test_rows, units, durations),
+    scores = evaluate_vocoder_speech(sgpt.vocoder, vocoder_data(args, test_rows, units, durations),
                                      [r["text"] for r in test_rows], sgpt.speech_to_units)
     report.update({f"vocoder.{key}": rounded(value) for key, value in scores.items()})
     report["vocoder.n"] = len(test_rows)

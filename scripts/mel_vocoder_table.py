@@ -28,8 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from speechgpt_min.data import in_split  # noqa: E402
 from speechgpt_min.evaluate import evaluate_vocoder_speech, whisper_available, whisper_wer  # noqa: E402
 from speechgpt_min.mel_vocoder import MelVocoder, MelVocoderConfig  # noqa: E402
-from speechgpt_min.vocoder_training import train_mel_vocoder  # noqa: E402
-from speechgpt_min.audio import load_audio  # noqa: E402
+from speechgpt_min.vocoder_training import train_mel_vocoder, vocoder_items  # noqa: E402
 from speechgpt_min.data import load_manifest  # noqa: E402
 from speechgpt_min.units import read_run_units  # noqa: E402
 from train import DEFAULTS  # noqa: E402
@@ -45,12 +44,6 @@ SETTINGS = {
     "no-encoder": {"config": {"encoder_layers": 0, "decoder_dilations": (1, 2, 4, 8, 1, 2)}},  # context per frame only
     "all-voices": {"all_voices": True},                           # every voice's training speech, not one voice's
 }
-
-
-def vocoder_items(data, rows, units, durations):
-    """(wav, deduplicated units, durations in frames) per utterance, as train.py's vocoder step reads them."""
-    return [(load_audio(data / r["audio"]), torch.tensor(units[r["id"]]), torch.tensor(durations[r["id"]]))
-            for r in rows]
 
 
 def load(args, voice):

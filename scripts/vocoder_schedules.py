@@ -29,8 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from speechgpt_min.data import in_split  # noqa: E402
 from speechgpt_min.evaluate import whisper_available, whisper_transcribe, word_error_rate  # noqa: E402
 from speechgpt_min.vocoder import UnitVocoder, VocoderConfig  # noqa: E402
-from speechgpt_min.vocoder_training import evaluate_vocoder, train_vocoder  # noqa: E402
-from speechgpt_min.audio import load_audio  # noqa: E402
+from speechgpt_min.vocoder_training import evaluate_vocoder, train_vocoder, vocoder_items  # noqa: E402
 from speechgpt_min.data import load_manifest  # noqa: E402
 from speechgpt_min.units import read_run_units  # noqa: E402
 
@@ -65,9 +64,7 @@ def load_items(run, data, split):
     rows = [r for r in in_split(load_manifest(data / "manifest.jsonl"), split)
             if split == "train" or r.get("kind", "sent") == "sent"]
     units, durations, n_units = read_run_units(run)
-    items = [(load_audio(data / r["audio"]), torch.tensor(units[r["id"]]), torch.tensor(durations[r["id"]]))
-             for r in rows]
-    return items, [r["text"] for r in rows], n_units
+    return vocoder_items(data, rows, units, durations), [r["text"] for r in rows], n_units
 
 
 def new_vocoder(n_units, generator=None):

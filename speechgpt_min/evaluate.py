@@ -15,6 +15,7 @@
 The evaluation functions take a pipeline.SpeechGPT and decode greedily (temperature 0), so a run's
 numbers are reproducible.
 """
+import random
 import re
 import time
 
@@ -94,7 +95,6 @@ def cross_voice_similarity(utterances, max_pairs=2000, seed=0):
     other_text; PNMI, measured on a few aligned voices, does not show this. None when no text has
     two voices.
     """
-    import random
     by_text = {}
     for text, voice, units in utterances:
         by_text.setdefault(text, []).append((voice, unit_bigrams(list(units))))
@@ -106,11 +106,13 @@ def cross_voice_similarity(utterances, max_pairs=2000, seed=0):
     same = rng.sample(same, min(max_pairs, len(same)))
     flat = [(text, reading) for text, readings in by_text.items() for reading in readings]
     other = []
-    while len(other) < len(same):
+    for _ in range(100 * len(same)):  # bounded: a corpus of one text has no other-text pairs at all
         (t1, a), (t2, b) = rng.sample(flat, 2)
         if t1 != t2 and a[0] != b[0]:
             other.append((a, b))
-    mean = lambda pairs: sum(jaccard(a[1], b[1]) for a, b in pairs) / len(pairs)  # noqa: E731
+            if len(other) == len(same):
+                break
+    mean = lambda pairs: sum(jaccard(a[1], b[1]) for a, b in pairs) / len(pairs) if pairs else None  # noqa: E731
     return {"same_text": mean(same), "other_text": mean(other)}
 
 

@@ -306,18 +306,18 @@ def shared_prefix(batch, gradient_checkpointing, at_least=16):
     return n if n >= at_least else 0
 
 
-def prefix_groups(examples, head=16):
+def prefix_groups(examples, gradient_checkpointing, head=16):
     """A micro-batch in at most two parts: the rows that start as most of its rows do (BOS and the
     system prompt, when instruction examples are mixed with text lines), and the others, when the
-    first part then has a shared prefix to compute once; else the batch whole. The step's loss and
-    gradient are the same sums either way."""
+    first part then has a shared prefix to compute once (`shared_prefix`); else the batch whole. The
+    step's loss and gradient are the same sums either way."""
     heads = Counter(tuple(e.tokens[:head]) for e in examples)
     common, count = heads.most_common(1)[0]
     if count < 2 or count == len(examples):
         return [examples]
     alike = [e for e in examples if tuple(e.tokens[:head]) == common]
-    if shared_prefix(collate(alike), gradient_checkpointing=False, at_least=head) == 0:
-        return [examples]  # the common start carries targets: nothing to save
+    if shared_prefix(collate(alike), gradient_checkpointing, at_least=head) == 0:
+        return [examples]  # nothing to save (targets in the common start, checkpointing, several processes)
     return [alike, [e for e in examples if tuple(e.tokens[:head]) != common]]
 
 
@@ -426,7 +426,7 @@ def train(model, train_set, cfg, val_set=None, score_tasks=None):
         loss_sum = 0.0
         for m, batch in enumerate(micro):
             mine = shard(batch, rank, world_size)
-            parts = prefix_groups(mine) if world_size == 1 and not cfg.gradient_checkpointing else [mine]
+            parts = prefix_groups(mine, cfg.gradient_checkpointing)
             for p, part in enumerate(parts):
                 b = collate(part)
                 x, y = b["input_ids"].to(device), b["labels"].to(device)  # (b, T) each

@@ -1,6 +1,7 @@
 """Training the unit vocoders: the toy's mel vocoder (mel_vocoder.py), and the unit HiFi-GAN
 (vocoder.py) with HiFi-GAN's discriminators and losses.
 
+    dataset = vocoder_items(data_dir, rows, units, durations)  # a corpus's utterances and their units
     history = train_mel_vocoder(vocoder, dataset, steps=800)  # dataset: (wav, units, durations) items
     history = train_vocoder(vocoder, dataset, steps=600)      # the unit HiFi-GAN
     mel_l1 = evaluate_vocoder(vocoder, held_out)             # either kind: log-mel L1 with the true durations
@@ -13,6 +14,7 @@ this module; hearing units needs vocoder.py (or mel_vocoder.py) alone.
 import math
 import random
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -20,10 +22,18 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 from tqdm import tqdm
 
-from .audio import log_mel_spectrogram
+from .audio import load_audio, log_mel_spectrogram
 from .vocoder import LRELU_SLOPE
 
 # ----------------------------------------------------------------------------- the mel vocoder
+
+def vocoder_items(data_dir, rows, units, durations):
+    """Manifest rows -> (wav (T,), deduplicated units (N,), durations in 50 Hz frames (N,)) per
+    utterance: what the vocoders train and are evaluated on. units, durations: {id: list}, as
+    units.read_run_units gives them. Raises audio.AudioError for a file that cannot be read."""
+    return [(load_audio(Path(data_dir) / r["audio"]), torch.tensor(units[r["id"]]), torch.tensor(durations[r["id"]]))
+            for r in rows]
+
 
 
 def _mel_batch(examples):

@@ -36,3 +36,16 @@ def test_unit_edit_distance_and_exact_match():
 def test_spell_numbers():
     assert spell_numbers("4 plus 3 is 7.") == "four plus three is seven."
     assert spell_numbers("after 19 comes 20, not 21") == "after nineteen comes twenty, not 21"
+
+
+def test_cross_voice_similarity_of_units():
+    from speechgpt_min.evaluate import cross_voice_similarity
+
+    utterances = [("a cat", "v1", [1, 2, 3, 4]), ("a cat", "v2", [1, 2, 3, 5]),   # same text: 2 of 4 bigrams shared
+                  ("a dog", "v1", [7, 8, 9]), ("a dog", "v2", [7, 8, 9])]          # same text: all shared
+    scores = cross_voice_similarity(utterances)
+    assert scores["same_text"] == pytest.approx((2 / 4 + 1) / 2)
+    assert scores["other_text"] == 0.0  # the two texts share no bigram
+    # one text only: no other-text pairs exist (the search is bounded, it does not hang)
+    assert cross_voice_similarity(utterances[:2]) == {"same_text": 0.5, "other_text": None}
+    assert cross_voice_similarity([("a cat", "v1", [1, 2])]) is None  # no text in two voices

@@ -351,9 +351,10 @@ def test_a_mixed_batch_splits_into_prefix_groups_with_the_same_loss_and_gradient
                         torch.randint(4, 300, (n - 2,)).tolist()) for n in (12, 30, 18)]
     lines = [Example(t, t) for t in (torch.randint(4, 300, (n,)).tolist() for n in (7, 9))]
     batch = [prompted[0], lines[0], prompted[1], lines[1], prompted[2]]
-    parts = prefix_groups(batch)
+    parts = prefix_groups(batch, gradient_checkpointing=False)
     assert parts == [prompted, lines]
-    assert prefix_groups(prompted) == [prompted] and prefix_groups(lines) == [lines]
+    assert prefix_groups(prompted, False) == [prompted] and prefix_groups(lines, False) == [lines]
+    assert prefix_groups(batch, gradient_checkpointing=True) == [batch]  # checkpointing needs whole rows
     model = Transformer(LMConfig.from_preset("toy", vocab_size=300, n_layers=2))
     total = sum(n_targets(e) for e in batch)
 
