@@ -9,8 +9,9 @@ Steps, in order (each writes into the run directory and adds its numbers to repo
           alignment, or with --set units=hubert HuBERT pretraining + k-means; units for every
           utterance (units.jsonl), and their quality: PNMI and phone accuracy on held-out speech, and
           how alike one sentence's units are in two voices.
-  stage0  text pretraining: the LM learns the corpus's text (the toy's stand-in for LLaMA's
-          pretraining: it is where the model learns the world's facts). --no-text-pretraining skips it.
+  stage0  text pretraining: the LM learns the corpus's text and answers the training questions typed
+          (the toy's stand-in for what LLaMA brings: the world's facts, learnt from text, and answering
+          in text). --no-text-pretraining skips it.
   stage1  modality adaptation: the LM learns unit sequences of the training speech (the toy preset
           skips it, stage1.steps=0: in its budget it slowed stage 2 down; docs/recipe.md).
   stage2  cross-modal instruction: ASR (every voice) and TTS (the answer voice), every weight trained.
@@ -30,6 +31,7 @@ SmolLM2-135M or LLaMA-7B): its tokenizer gains the unit and special tokens and i
 import argparse
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -64,7 +66,7 @@ DEFAULTS = {
     "toy": dict(
         units="phones", phone_epochs=[2, 2], phone_recognizer=dict(channels=192),  # the toy's ears (phones.py)
         hubert_preset="toy", n_units=100, hubert_steps=[700], target_layer=0, unit_layer=1,  # with units=hubert
-        lm_preset="toy", lm={}, block_size=256, answer_voice=ANSWER_VOICE, text_replay=0.3,
+        lm_preset="toy", lm={}, block_size=256, answer_voice=ANSWER_VOICE, text_replay=0.3, typed_qa=2,
         stage0=dict(steps=300, batch_size=64, lr=2e-3, min_lr=2e-4, warmup_steps=20),
         stage1=dict(steps=0, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=5),  # 0: skipped (README)
         stage2=dict(steps=800, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=20),
@@ -82,7 +84,7 @@ DEFAULTS = {
     "smoke": dict(
         units="phones", phone_epochs=[1, 1], phone_recognizer=dict(channels=32),
         hubert_preset="toy", n_units=20, hubert_steps=[2, 2], target_layer=2, unit_layer=3,
-        lm_preset="toy", lm={}, block_size=64, answer_voice=ANSWER_VOICE, text_replay=0.3,
+        lm_preset="toy", lm={}, block_size=64, answer_voice=ANSWER_VOICE, text_replay=0.3, typed_qa=1,
         stage0=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
         stage1=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
         stage2=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
@@ -309,15 +311,20 @@ def start_lm(args, settings, corpus, stage):
 def step_stage0(args, settings, report, corpus):
     """Text pretraining: next-token prediction on the corpus's text, where the world's facts are stated."""
     model, tokenizer = new_language_model(args, settings, corpus)
-    train_set = text_examples(tokenizer, stage0_texts(corpus.text_corpus(), args.seed))
+    train_set = stage0_examples(settings, corpus, tokenizer, model.config.max_seq_len, args.seed)
     valid_sentences, _ = corpus.sentences("valid", answer_voice=None)  # sentences the text corpus never states
     val_set = text_examples(tokenizer, sorted({r["text"] for r in valid_sentences}))
     facts = {p["answer"]["text"] for p in corpus.pairs
              if p["split"] in ("valid", "test_knowledge") and p.get("skill") != "command"}
     watched = evenly_spaced(sorted(facts), 2 * settings["watch"])
+    typed = evenly_spaced(corpus.typed_questions("valid"), 2 * settings["watch"])
 
-    def score(lm):  # does the model complete the statement of a fact with its last word?
-        return {"fact_accuracy": fact_completion_accuracy(SpeechGPT(lm, tokenizer), watched)}
+    def score(lm):  # does the model complete the statement of a fact, and answer a typed question?
+        sgpt = SpeechGPT(lm, tokenizer)
+        scores = {"fact_accuracy": fact_completion_accuracy(sgpt, watched)}
+        if settings["typed_qa"]:
+            scores["typed_accuracy"] = evaluate_text_questions(sgpt, typed, settings["eval_tokens"]["chain"], progress=False)
+        return scores
 
     history = train(model, train_set, train_config(args, settings, "stage0"), val_set, score if watched else None)
     seen = {token for example in train_set for token in example.tokens}
@@ -325,7 +332,23 @@ def step_stage0(args, settings, report, corpus):
     save_stage(args, "stage0", model, tokenizer)
     report["stage0.val_loss"] = val_loss(history)
     report["stage0.fact_accuracy"] = history[-1].get("fact_accuracy")
-    print(f"stage0: validation loss {report['stage0.val_loss']}, facts completed {report['stage0.fact_accuracy']}")
+    report["stage0.typed_accuracy"] = history[-1].get("typed_accuracy")
+    print(f"stage0: validation loss {report['stage0.val_loss']}, facts completed {report['stage0.fact_accuracy']}, "
+          f"typed questions answered {report['stage0.typed_accuracy']}")
+
+
+def stage0_examples(settings, corpus, tokenizer, context, seed):
+    """Stage 0's text: the corpus's lines, and (typed_qa > 0) that many copies of the training pairs as
+    typed questions in the chain's text-to-text format. The toy's stand-in for what an LLM brings to
+    SpeechGPT: it knows the world from text and already answers questions typed to it, so stage 3 only
+    has to chain hearing, answering and speaking."""
+    examples = text_examples(tokenizer, stage0_texts(corpus.text_corpus(), seed))
+    if settings["typed_qa"]:
+        pairs = in_split(corpus.pairs, "train")
+        typed = encode_dialogues(tokenizer, stage3_dialogues(pairs, {}, seed, variants=("t2t",)), context)
+        examples += typed * settings["typed_qa"]
+        random.Random(seed).shuffle(examples)
+    return examples
 
 
 def step_stage1(args, settings, report, corpus):
@@ -354,7 +377,7 @@ def step_stage2(args, settings, report, corpus):
     if not skipped(args, settings, "stage0") and settings["text_replay"] > 0:
         # Text replay: stage 0's lines mixed in (text_replay per instruction example), so that learning
         # to read and write units does not wash out what the text taught (catastrophic forgetting).
-        text = text_examples(tokenizer, stage0_texts(corpus.text_corpus(), args.seed + 1))
+        text = stage0_examples(settings, corpus, tokenizer, context, args.seed + 1)
         train_set += text[:int(settings["text_replay"] * len(train_set))]
         print(f"stage2: {len(train_set)} training examples, text replay {settings['text_replay']}")
     others, _ = corpus.sentences("valid", voice)

@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tiny_data"
 REPORT_KEYS = ["units.pnmi", "units.phone_accuracy", "units.cross_voice_same_text", "units.cross_voice_other_text",
-               "stage0.val_loss", "stage0.fact_accuracy", "stage1.val_loss", "stage1.unigram_val_loss",
+               "stage0.val_loss", "stage0.fact_accuracy", "stage0.typed_accuracy", "stage1.val_loss", "stage1.unigram_val_loss",
                "stage2.asr_wer", "stage2.asr_cer", "stage2.tts_unit_edit_distance", "stage3.transcript_wer",
                "stage3.answer_accuracy", "stage3.speech_answer_unit_edit_distance", "stage3.well_formed",
                "stage3.text_answer_accuracy", "stage3.knowledge_accuracy", "stage3.knowledge_accuracy_unseen_voice",
@@ -70,7 +70,8 @@ def test_every_step_writes_its_part_and_the_report(smoke_run):
                  "vocoder/model.safetensors", "stage1/metrics.jsonl", "curves.png", "settings.json"):
         assert (run_dir / path).exists(), path
     # each stage's evaluations decode held-out examples: task scores beside the loss
-    for stage, score in (("stage0", "fact_accuracy"), ("stage2", "asr_cer"), ("stage3", "answer_accuracy")):
+    for stage, score in (("stage0", "fact_accuracy"), ("stage0", "typed_accuracy"), ("stage2", "asr_cer"),
+                         ("stage3", "answer_accuracy")):
         records = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
         assert any(score in r and "val_loss" in r for r in records), stage
     units = [json.loads(line) for line in (run_dir / "units.jsonl").read_text().splitlines()]
@@ -154,3 +155,25 @@ def test_skipped_stages_hand_their_place_to_the_last_stage_that_ran():
     assert previous_lm_stage(with_text, DEFAULTS["smoke"], "stage2") == "stage1"
     with pytest.raises(UserError, match="the settings skip it"):
         main(["--preset", "smoke", "--set", "stage1.steps=0", "--stage", "stage1"])
+
+
+def test_stage0_reads_the_text_and_answers_typed_training_questions(small_corpus, tmp_path):
+    from argparse import Namespace
+
+    from speechgpt_min.data import SYSTEM_PROMPT, load_text_corpus
+    from speechgpt_min.tokenizer import Tokenizer
+    from train import DEFAULTS, Corpus, apply_overrides, stage0_examples
+
+    corpus = Corpus(Namespace(data=small_corpus, out=tmp_path), DEFAULTS["smoke"])
+    lines = load_text_corpus(small_corpus / "text_corpus.txt")
+    questions = [p for p in corpus.pairs if p["split"] == "train"]
+    tokenizer = Tokenizer.train([SYSTEM_PROMPT, *lines] + [p["question"]["text"] + " [ta] " + p["answer"]["text"]
+                                                           for p in questions], n_units=4)
+    for copies in (0, 2):
+        settings = apply_overrides(DEFAULTS["smoke"], [f"typed_qa={copies}"])
+        examples = stage0_examples(settings, corpus, tokenizer, 1024, seed=0)
+        assert len(examples) == len(lines) + copies * len(questions)
+        typed = [e for e in examples if -100 in e.labels]  # dialogues: no loss on the system prompt and question
+        assert len(typed) == copies * len(questions)
+        targets = [tokenizer.decode([t for t in e.labels if t >= 0]) for e in typed]  # the loss is on the answers
+        assert all(any(f"[ta] {p['answer']['text']}" in target for target in targets) for p in questions) or not copies
