@@ -1,6 +1,11 @@
 """The full-size recipe's arithmetic: parameter counts against transformers and PEFT, the memory of
 weights, gradients and AdamW against tensors allocated on CPU, one block's activations against what
-autograd saves, and how the stages' batches split."""
+autograd saves, and the dry run's command line."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -12,6 +17,7 @@ from speechgpt_min.lora import LoRAConfig, inject
 from speechgpt_min.model import LMConfig, Transformer
 from speechgpt_min.trainer import TrainConfig, make_optimizer
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = LMConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, max_seq_len=32)
 LLAMA_7B = 6_738_415_616  # LLaMA-7B's parameters at its own vocabulary of 32000
 
@@ -143,3 +149,27 @@ def test_a_batch_that_does_not_split_is_named():
     text = report("llama-7b", 1000, 11, "speechgpt", n_gpus=96, mfu=0.4)  # the paper's 96 GPUs of stages 1-2
     assert "stage3 its batch of 128 sequences does not split over 96 GPUs" in text
     assert text.count("torchrun --nnodes 12 --nproc_per_node 8") == 2
+
+
+def run_train(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_dry_run_prints_every_stage_and_its_command():
+    result = run_train("--preset", "speechgpt-7b", "--dry-run", "--nproc", "8")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "vocabulary 32000 text + 1000 units (HuBERT layer 11, k-means K=1000) + 6 special = 33006" in lines[0]
+    for stage, params in (("stage1", "6.75B (6.75B)"), ("stage2", "6.75B (6.75B)"), ("stage3", "6.75B (4.19M)")):
+        assert any(line.startswith(stage) and params in line for line in lines)
+        assert any(line.startswith(f"torchrun --standalone --nproc_per_node 8 train.py --preset speechgpt-7b "
+                                   f"--stage {stage} ") for line in lines)
+
+
+def test_full_size_without_dry_run_refuses_in_one_line():
+    result = run_train("--preset", "speechgpt-7b")
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert "--init-from" in result.stderr and "GPUs" in result.stderr
