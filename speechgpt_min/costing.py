@@ -269,5 +269,5 @@ def report(lm_preset, n_units, unit_layer, lora_preset, n_gpus, mfu):
     where = ("one node" if n_gpus <= GPUS_PER_NODE else
              f"each run on all {n_gpus // GPUS_PER_NODE} nodes, HOST the first node, runs/ on a shared file system")
     lines += ["", f"commands, one stage at a time, {where} (LLAMA_7B_DIR: Hugging Face LLaMA-7B; CORPUS: a corpus "
-                  "in tiny_data's layout; runs/speechgpt-7b/units.jsonl: its units):"]
+                  "in tiny_data's layout, whose units runs/speechgpt-7b holds as units.jsonl and kmeans/config.json):"]
     return "\n".join(lines + commands)
