@@ -27,6 +27,12 @@ STAGE/metrics.jsonl; curves.png plots both for every stage.
 
 Start the LM from pretrained weights with --init-from DIR (an HF LLaMA directory such as
 SmolLM2-135M or LLaMA-7B): its tokenizer gains the unit and special tokens and its embedding grows.
+
+The full-size recipe, --preset speechgpt-7b: LLaMA-7B, mHuBERT layer-11 units (K=1000), the released
+LoRA, each stage's batch, length and steps (speechgpt_min/costing.py says where each comes from); its
+LM stages run on GPUs, one at a time, under torchrun. Checkable here: `python train.py --preset speechgpt-7b --dry-run --nproc 8` prints
+each stage's parameters, memory per GPU under FSDP, tokens and FLOPs per step, the time per step on
+A100 and H100 at --mfu, and the torchrun command of each stage (docs/scaling.md).
 """
 import argparse
 import json
@@ -40,6 +46,7 @@ import torch
 from tqdm import tqdm
 
 from speechgpt_min.audio import AudioError, load_audio
+from speechgpt_min.costing import STAGES, report as full_size_report, stage_settings
 from speechgpt_min.data import (ASR_INSTRUCTIONS, SYSTEM_PROMPT, TTS_INSTRUCTIONS, DataError, check_corpus,
                                 encode_dialogues, in_split, load_text_corpus, pack_blocks, stage0_texts,
                                 stage1_texts, stage2_dialogues, stage3_dialogues, text_examples)
@@ -96,6 +103,11 @@ DEFAULTS = {
         watch=2,
     ),
 }
+# SpeechGPT-7B as the paper trained it: LLaMA-7B, mHuBERT's layer-11 units with K=1000 (made outside
+# this script), the released LoRA, each stage's batch, length and steps (speechgpt_min/costing.py has
+# the numbers and their sources). LM stages only, on GPUs; --dry-run prints what each stage costs.
+DEFAULTS["speechgpt-7b"] = dict(DEFAULTS["toy"], n_units=1000, unit_layer=11, lm_preset="llama-7b",
+                                block_size=STAGES[0].seq_len, lora="speechgpt", **stage_settings())
 LM_STAGES = ("stage0", "stage1", "stage2", "stage3")
 
 
@@ -575,7 +587,8 @@ def parse_args(argv=None):
     parser.add_argument("--stage", choices=["all", *STEPS], default="all",
                         help="run one step (from the previous step's output in --out), or all of them (default)")
     parser.add_argument("--preset", choices=sorted(DEFAULTS), default="toy",
-                        help="model sizes and step budgets (default: toy, sized for minutes on 2 CPU cores; smoke: a few steps of each)")
+                        help="model sizes and step budgets (default: toy, sized for minutes on 2 CPU cores; smoke: a few "
+                             "steps of each; speechgpt-7b: the paper's LLaMA-7B recipe, on GPUs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="change one setting of the preset, e.g. stage2.steps=900 or lm.dim=192 (repeatable)")
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parent / "tiny_data",
@@ -594,7 +607,18 @@ def parse_args(argv=None):
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run: skip finished steps, resume a stage from its checkpoint")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with --preset speechgpt-7b: print each stage's parameters, memory per GPU, tokens and "
+                             "FLOPs per step, time per step on A100 and H100, and its torchrun command; then exit")
+    parser.add_argument("--nproc", type=int, default=8, metavar="N",
+                        help="with --dry-run: the number of GPUs (default: 8; above 8, nodes of 8)")
+    parser.add_argument("--mfu", type=float, default=0.4,
+                        help="with --dry-run: the model-FLOPs utilisation the times assume (default: 0.4)")
     args = parser.parse_args(argv)
+    if args.dry_run and (args.preset != "speechgpt-7b" or args.overrides):
+        parser.error("--dry-run prints the full-size preset as it is: use it with --preset speechgpt-7b, without --set")
+    if args.nproc < 1 or not 0 < args.mfu <= 1:
+        parser.error(f"--nproc {args.nproc} --mfu {args.mfu}: need at least one GPU and a utilisation in (0, 1]")
     args.out = args.out or Path("runs") / args.preset
     if args.init_from is not None and not (args.init_from / "config.json").is_file():
         parser.error(f"--init-from {args.init_from}: not an HF model directory (no config.json)")
@@ -606,9 +630,32 @@ def parse_args(argv=None):
     return args
 
 
+def check_full_size(args):
+    """The full-size preset trains LLaMA-7B one LM stage at a time on GPUs: name what is missing."""
+    missing = []
+    if args.stage not in ("stage1", "stage2", "stage3"):
+        missing.append("one LM stage (--stage stage1, stage2 or stage3)")
+    if args.stage in ("all", "stage1") and args.init_from is None:
+        missing.append("the LLaMA-7B weights (--init-from DIR)")
+    if not torch.cuda.is_available():
+        missing.append("CUDA GPUs under torchrun")
+    if missing:
+        raise UserError(f"--preset speechgpt-7b needs {', '.join(missing)}; --dry-run prints what each stage "
+                        f"costs and the command that runs it")
+
+
 def main(argv=None):
     args = parse_args(argv)
     settings = apply_overrides(DEFAULTS[args.preset], args.overrides)
+    if args.dry_run:  # before any data or device is touched
+        try:
+            print(full_size_report(settings["lm_preset"], settings["n_units"], settings["unit_layer"],
+                                   settings["lora"], args.nproc, args.mfu))
+        except ValueError as error:  # an --nproc that no stage's batch, or no node of 8, divides
+            raise UserError(str(error)) from None
+        return
+    if args.preset == "speechgpt-7b":
+        check_full_size(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     steps = [s for s in STEPS if not skipped(args, settings, s)]
