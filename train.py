@@ -50,7 +50,8 @@ from speechgpt_min.lora import LoRAConfig, inject, save_adapter
 from speechgpt_min.model import LMConfig, Transformer
 from speechgpt_min.pipeline import PipelineError, SpeechGPT
 from speechgpt_min.tokenizer import Tokenizer
-from speechgpt_min.trainer import TrainConfig, fast_bfloat16, train
+from speechgpt_min.device import fast_bfloat16
+from speechgpt_min.trainer import TrainConfig, train
 from speechgpt_min.phones import PhoneRecognizerConfig, n_frames, normalised_mfcc, train_phone_recognizer
 from speechgpt_min.units import dedup, frame_phones, read_run_units, read_segs, score_units, speech_to_units, train_unit_encoder
 from speechgpt_min.mel_vocoder import MelVocoder, MelVocoderConfig

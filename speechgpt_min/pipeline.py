@@ -30,6 +30,7 @@ import torch
 from .audio import SAMPLE_RATE, load_audio
 from .data import (ASR_INSTRUCTIONS, CHAIN_TEMPLATE, END_OF_ANSWER, INFERENCE_TEMPLATE, INSTRUCTION_TEMPLATE,
                    SYSTEM_PROMPT, TTS_INSTRUCTIONS, encode_prompt)
+from .device import resolve_device
 from .hubert import HuBERT
 from .lora import load_adapter, merge_and_unload
 from .phones import PhoneRecognizer
@@ -155,10 +156,6 @@ class ChatResult:
 
 # ----------------------------------------------------------------------------- the pipeline
 
-def _device(device):
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
-
-
 class SpeechGPT:
     """LM + tokenizer, with the optional ears (HuBERT + k-means, or the toy's phone recogniser) and
     voice (a unit vocoder of either kind: UnitVocoder or MelVocoder, both `vocoder(units (B, N)) -> (B, samples)`
@@ -209,7 +206,7 @@ class SpeechGPT:
             (the released unit HiFi-GAN, or the toy's mel vocoder; mel_vocoder.load_vocoder).
         phones_dir: a PhoneRecognizer directory (the toy's ears; instead of hubert_dir and kmeans_path).
         """
-        device = _device(device)
+        device = resolve_device(device)
         try:
             lm = load_pretrained(lm_dir, dtype=dtype, device=device)
         except KeyError as error:  # a config.json without LLaMA's fields
