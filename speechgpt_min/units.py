@@ -9,7 +9,6 @@ This module owns that spelling: `UNIT_RE` (one unit token), `unit_token`, `speec
 How good are units? `unit_quality` scores them against phone alignments: PNMI = I(phone; unit) /
 H(phone), the share of phone information the units keep (1 = units determine the phone).
 """
-import copy
 import json
 import re
 from pathlib import Path
@@ -18,8 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .hubert import HuBERT, extract_features
-from .hubert_training import mfcc_features, pretrain
+from .hubert import extract_features
 
 FORMAT = "speechgpt_min.kmeans"
 SOSP, EOSP = "<sosp>", "<eosp>"
@@ -295,52 +293,3 @@ def score_units(unit_seqs, alignment_paths):
         phones.extend(frame_phones(read_segs(path), len(seq)))
         units.append(np.asarray(seq))
     return unit_quality(phones, np.concatenate(units))
-
-
-# ----------------------------------------------------------------------------- the HuBERT recipe
-
-def kmeans_sample(wavs, seed=0, seconds=4000):
-    """A seeded random subset of the waveforms, about `seconds` long in all (all of them if shorter)."""
-    order = np.random.default_rng(seed).permutation(len(wavs))
-    total, chosen = 0, []
-    for i in order:
-        if total >= seconds * 16000:
-            break
-        chosen.append(wavs[i])
-        total += len(wavs[i])
-    return chosen
-
-
-def train_unit_encoder(wavs, config, n_units=100, steps=(700,), target_layer=0, unit_layer=1, lr=2e-3,
-                       batch_size=8, max_frames=64, warm_start=False, seed=0, bf16=False, progress=True):
-    """HuBERT's iterations from scratch (one per entry of `steps`), then the unit quantiser.
-
-    1. k-means (n_units) on MFCC frames -> targets; pretrain encoder 1 (masked prediction).
-    2. (if `steps` has a second entry) k-means on encoder 1's `target_layer` -> targets; pretrain
-       encoder 2 (fresh as in the paper, or continuing from encoder 1 with `warm_start`).
-    3. k-means on the last encoder's `unit_layer`: the units.
-    The defaults are the best setting measured on tiny_data within a few CPU minutes: one iteration
-    of 700 steps on short crops (64 frames, 1.3 s) gives units with more phone information than two
-    iterations of 100 steps on 150-frame crops, at more cost (scripts/measure_units.py; README,
-    "Speech to units", has both times).
-    wavs: list of (T_i,) 16 kHz tensors; config: a HubertConfig with num_clusters = n_units.
-    bf16: pretrain under bf16 autocast (see `pretrain`).
-    Returns dict: encoder (the last iteration's), layer, kmeans, and iteration1, mfcc_kmeans, losses for study.
-    """
-    torch.manual_seed(seed)
-    mfccs = [mfcc_features(w) for w in wavs]
-    mfcc_kmeans = fit_kmeans(mfccs, n_units, seed)
-    models, losses, targets = [], [], [mfcc_kmeans.assign(f) for f in mfccs]
-    for iteration, n_steps in enumerate(steps):
-        if iteration > 0:  # the next targets: clusters of the previous encoder's `target_layer`
-            features = extract_features(models[-1], wavs, target_layer, progress=progress)
-            target_kmeans = fit_kmeans(features, n_units, seed)
-            targets = [target_kmeans.assign(f) for f in features]
-        model = copy.deepcopy(models[-1]) if warm_start and models else HuBERT(config)
-        losses.append(pretrain(model, wavs, targets, n_steps, lr, batch_size, seed + iteration, max_frames, bf16=bf16,
-                               progress=progress))
-        models.append(model)
-    sample = kmeans_sample(wavs, seed)  # k-means fits on 50,000 frames: encoding every utterance would be wasted
-    kmeans = fit_kmeans(extract_features(models[-1], sample, unit_layer, progress=progress), n_units, seed)
-    return {"encoder": models[-1], "layer": unit_layer, "kmeans": kmeans, "iteration1": models[0],
-            "mfcc_kmeans": mfcc_kmeans, "losses": losses}

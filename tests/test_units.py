@@ -183,21 +183,3 @@ def test_speech_to_units_batched_equals_one_by_one():
         assert torch.equal(units, speech_to_units([wav], encoder, 1, km)[0])
     for (units, durations), full in zip(speech_to_deduped_units(wavs, encoder, 1, km, batch_size=2), batched):
         assert torch.equal(torch.repeat_interleave(units, durations), full)
-
-
-@pytest.mark.parametrize("steps", [(2, 2), (3,)])  # both of HuBERT's iterations; one (the toy default)
-def test_train_unit_encoder(steps):
-    from speechgpt_min.units import train_unit_encoder
-
-    torch.manual_seed(0)
-    config = HubertConfig.from_preset("toy", conv_dim=(16,) * 7, hidden_size=16, num_hidden_layers=2,
-                                      num_attention_heads=2, intermediate_size=32, num_conv_pos_embeddings=8,
-                                      num_conv_pos_embedding_groups=2, num_clusters=4, final_dim=8)
-    wavs = [torch.randn(n) for n in (8000, 9000, 10000)]
-    result = train_unit_encoder(wavs, config, n_units=4, steps=steps, target_layer=1, unit_layer=2,
-                                batch_size=2, max_frames=16, warm_start=True, progress=False)
-    assert [len(l) for l in result["losses"]] == list(steps) and result["layer"] == 2
-    assert result["kmeans"].n_clusters == 4
-    assert (result["encoder"] is result["iteration1"]) == (len(steps) == 1)  # the last iteration's encoder
-    units = speech_to_units(wavs, result["encoder"], result["layer"], result["kmeans"])
-    assert [len(u) for u in units] == [24, 27, 31]  # (T - 400) // 320 + 1
