@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .audio import deltas, mfcc
 from .hubert import HuBERT, extract_features, frame_lengths, pad_batch, receptive_field
+from .trainer import lr_at
 from .units import fit_kmeans
 
 
@@ -70,7 +71,8 @@ def masked_prediction_loss(model, wav, sample_lengths, targets, generator=None):
 
 def pretrain(model, wavs, targets, steps, lr=1e-3, batch_size=8, seed=0, max_frames=200, warmup=0.08,
              bf16=False, progress=True):
-    """Masked-prediction pretraining with AdamW, linear warm-up then linear decay, clip norm 10.
+    """Masked-prediction pretraining with AdamW, clip norm 10, lr warming up linearly over the first
+    `warmup` share of the steps, then decaying linearly to 0 (trainer.lr_at).
     wavs: list of (T_i,) 16 kHz tensors; targets: list of (T_i',) long cluster ids, one per frame.
     Each step draws `batch_size` utterances and a random crop of at most `max_frames` frames.
     bf16: forward under bf16 autocast (faster on CPUs with bf16 matrix instructions).
@@ -81,14 +83,13 @@ def pretrain(model, wavs, targets, steps, lr=1e-3, batch_size=8, seed=0, max_fra
             raise ValueError(f"utterance {i}: {len(target)} targets for {n} frames")
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    n_warm = max(1, int(warmup * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / n_warm, max(0.0, (steps - s) / max(1, steps - n_warm))))
     hop, window = model.config.downsampling, receptive_field(model.config)
     model.train()
     losses = []
     bar = tqdm(range(steps), desc="HuBERT pretraining", disable=not progress)
-    for _ in bar:
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup_steps=int(warmup * steps), decay="linear")
         crops, crop_targets = [], []
         for i in rng.sample(range(len(wavs)), min(batch_size, len(wavs))):
             start = rng.randint(0, max(0, len(targets[i]) - max_frames))
@@ -103,7 +104,6 @@ def pretrain(model, wavs, targets, steps, lr=1e-3, batch_size=8, seed=0, max_fra
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         optimizer.step()
-        schedule.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy.item():.2f}")
     model.eval()

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .hubert_training import mfcc_features
+from .trainer import lr_at
 
 FORMAT = "speechgpt_min.phone_recognizer"
 
@@ -187,7 +188,7 @@ def _epochs(model, inputs, targets, epochs, lr, batch_size, rng, desc, progress)
         rng.shuffle(batches)
         for batch in batches:
             for group in optimizer.param_groups:  # linear decay to zero
-                group["lr"] = lr * (1 - step / steps)
+                group["lr"] = lr_at(step, steps, lr, decay="linear")
             x = nn.utils.rnn.pad_sequence([inputs[i] for i in batch], batch_first=True)  # (B, T, 39)
             y = nn.utils.rnn.pad_sequence([targets[i] for i in batch], batch_first=True, padding_value=-100)
             loss = F.cross_entropy(model(x).transpose(1, 2), y, ignore_index=-100)

@@ -120,12 +120,21 @@ def all_sum(values, device):
 
 # ----------------------------------------------------------------------------- pieces of the loop
 
-def lr_at(step, cfg):
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps)  # 0 -> 1
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
+DECAYS = ("cosine", "linear")
+
+
+def lr_at(step, steps, lr, min_lr=0.0, warmup_steps=0, decay="cosine"):
+    """Learning rate of optimizer step `step` (0-based) of `steps`: the one schedule of every training
+    loop here (the LM's, HuBERT's, the phone recogniser's, both vocoders'). It rises linearly over
+    the first `warmup_steps` steps to `lr`, then falls to `min_lr` at the last step along a cosine
+    or (decay="linear") a straight line. min_lr == lr keeps it constant after the warmup."""
+    if decay not in DECAYS:
+        raise ValueError(f"unknown decay {decay!r}; valid: {', '.join(DECAYS)}")
+    if step < warmup_steps:
+        return lr * (step + 1) / (warmup_steps + 1)
+    progress = min((step - warmup_steps) / max(1, steps - 1 - warmup_steps), 1.0)  # 0 -> 1
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1 - progress  # 1 -> 0
+    return min_lr + shape * (lr - min_lr)
 
 
 def make_optimizer(model, cfg, device):
@@ -387,7 +396,7 @@ def train(model, train_set, cfg, val_set=None, score_tasks=None):
     bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress or rank != 0, desc=out_dir.name)
     while step < cfg.steps:
         t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
 

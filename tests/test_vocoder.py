@@ -204,7 +204,7 @@ def test_learning_rate_decays_along_a_cosine_or_stays_constant():
     data = tone_dataset(num_items=2)
     decayed = train_vocoder(UnitVocoder(SMALL), data, steps=4, batch_size=1, segment_frames=4, lr=4e-3, min_lr=1e-4,
                             progress=False)
-    assert [round(h["lr"], 6) for h in decayed] == [0.004, 0.003429, 0.00205, 0.000671]  # min_lr + (lr - min_lr) * (1 + cos(pi * step / 4)) / 2
+    assert [round(h["lr"], 6) for h in decayed] == [0.004, 0.003025, 0.001075, 0.0001]  # min_lr + (lr - min_lr) * (1 + cos(pi * step / 3)) / 2
     constant = train_vocoder(UnitVocoder(SMALL), data, steps=2, batch_size=1, segment_frames=4, lr=1e-3, min_lr=None,
                              progress=False)
     assert [h["lr"] for h in constant] == [1e-3, 1e-3]
