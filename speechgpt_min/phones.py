@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .hubert_training import mfcc_features
+from .presets import config_from_preset
 from .trainer import lr_at
 
 FORMAT = "speechgpt_min.phone_recognizer"
@@ -49,6 +50,18 @@ class PhoneRecognizerConfig:
         self.dilations = tuple(self.dilations)
         if len(set(self.phones)) != len(self.phones):
             raise ValueError("the phone list has duplicates")
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """The named preset with any fields replaced, e.g. channels=32 (presets.py)."""
+        return config_from_preset(cls, PRESETS, name, overrides)
+
+
+PRESETS = {
+    # the toy's ears: 192 channels, 8 dilated convolutions (about 1.4 s of context); the phone list
+    # is filled in by train_phone_recognizer from the alignments and pronunciations
+    "toy": {},
+}
 
 
 def n_frames(wav):

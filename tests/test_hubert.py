@@ -132,6 +132,10 @@ def test_presets():
     assert HubertConfig.from_preset("toy").downsampling == 320
     with pytest.raises(ValueError, match="hubert-base, toy"):
         HubertConfig.from_preset("hubert-large")
+    with pytest.raises(ValueError, match="not divisible"):  # checked after the overrides
+        HubertConfig.from_preset("toy", hidden_size=190)
+    with pytest.raises(ValueError, match="unknown HubertConfig field"):
+        HubertConfig.from_preset("toy", layers=2)
 
 
 def test_frame_counts_mfcc_equals_conv():

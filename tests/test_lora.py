@@ -40,6 +40,11 @@ def test_config_presets():
     assert cfg == LoRAConfig() and cfg.scaling == 2.0
     with pytest.raises(ValueError, match="valid presets: speechgpt"):
         LoRAConfig.from_preset("speech")
+    assert LoRAConfig.from_preset("toy", r=4).r == 4
+    with pytest.raises(ValueError, match="rank"):  # checked after the overrides
+        LoRAConfig.from_preset("toy", r=0)
+    with pytest.raises(ValueError, match=r"unknown LoRAConfig field\(s\) \['rank'\]; fields: r, alpha"):
+        LoRAConfig.from_preset("toy", rank=4)
     with pytest.raises(ValueError, match="rank"):
         LoRAConfig(r=0)
 

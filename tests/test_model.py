@@ -115,6 +115,10 @@ def test_presets_sizes_and_unknown_name():
         LMConfig.from_preset("toy-")  # exact names only
     for name in LM_PRESETS:
         assert name in str(err.value)
+    with pytest.raises(ValueError, match="not divisible"):  # checked after the overrides
+        LMConfig.from_preset("toy", dim=250)
+    with pytest.raises(ValueError, match=r"unknown LMConfig field\(s\) \['width'\]"):
+        LMConfig.from_preset("toy", width=3)
     with pytest.raises(ValueError, match="n_kv_heads"):
         LMConfig(dim=64, n_heads=4, n_kv_heads=3)
 

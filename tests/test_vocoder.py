@@ -100,6 +100,11 @@ def test_config_json_round_trip():
 def test_unknown_preset_lists_valid_names():
     with pytest.raises(ValueError, match="toy.*unit-hifigan-km1000"):
         VocoderConfig.from_preset("unit-hifigan")
+    assert VocoderConfig.from_preset("toy", num_embeddings=50).num_embeddings == 50
+    with pytest.raises(ValueError, match="multiply to"):  # checked after the overrides
+        VocoderConfig.from_preset("toy", upsample_rates=(5, 4))
+    with pytest.raises(ValueError, match="unknown VocoderConfig field"):
+        VocoderConfig.from_preset("toy", hop=320)
 
 
 def test_upsample_rates_must_multiply_to_hop():
@@ -304,6 +309,8 @@ def test_mel_vocoder_config_presets_and_kind():
     assert MelVocoderConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ValueError, match="valid presets: toy"):
         MelVocoderConfig.from_preset("tiny")
+    with pytest.raises(ValueError, match="unknown MelVocoderConfig field"):
+        MelVocoderConfig.from_preset("toy", kind="mel")
     with pytest.raises(ValueError, match="kind"):
         MelVocoderConfig.from_dict(VocoderConfig().to_dict())
     with pytest.raises(ValueError, match="whole number of mel frames"):
