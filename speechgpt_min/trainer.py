@@ -9,7 +9,7 @@ target token of the step, however the examples are cut into micro-batches or spr
 processes, so one process and N processes with the same batch_size compute the same update.
 
 What the loop does, step by step:
-    lr from the schedule (linear warmup, then cosine down to min_lr)
+    lr from the schedule (`lr_at`: linear warmup, then cosine down to min_lr)
     grad_accum micro-batches: forward (bf16 autocast where the hardware has fast bf16; a prefix all rows
         share, the system prompt, computed once), backward, gradients summed
     clip the gradient norm, AdamW step (weight decay on matrices only)
@@ -17,18 +17,17 @@ What the loop does, step by step:
     every eval_every steps: validation loss, and task scores (a callback that decodes a few held-out
         examples: CER, accuracy); every checkpoint_every steps: a checkpoint
 
-A checkpoint (`ckpt.pt` in out_dir) holds the trainable parameters (the whole model, or only
-the LoRA matrices when the base is frozen), the optimizer, the step, the data position (epoch and
-index in its permutation), and every process's RNG states (python, numpy, torch, CUDA). The
-learning-rate schedule is a function of the step, so the step is its whole state. The file is
-written to a temporary name and renamed over the old one, so a crash while writing leaves the
-previous checkpoint whole; a run restarted with the same out_dir continues from it as if never
-interrupted (bit for bit on CPU).
+A checkpoint (`ckpt.pt` in out_dir) holds everything needed to go on (checkpoint.py says what);
+a run restarted with the same out_dir continues from it as if never interrupted (bit for bit on CPU).
 
 Several processes: launch with `torchrun --nproc_per_node N script.py`, call
-`init_distributed()` first; each process takes its shard of every micro-batch. The model is
-wrapped in DistributedDataParallel, or with fsdp=True sharded by FSDP (one unit per Block), for
-models whose weights and optimizer state do not fit on one device.
+`distributed.init_distributed()` first; each process takes its shard of every micro-batch. The
+model is wrapped in DistributedDataParallel, or with fsdp=True sharded by FSDP (one unit per Block),
+for models whose weights and optimizer state do not fit on one device.
+
+This file reads top to bottom: TrainConfig, the loop (`train`), then the pieces it calls. The
+plumbing under it lives beside it: distributed.py (several processes) and checkpoint.py (saving
+and resuming).
 """
 import json
 import math
@@ -37,22 +36,19 @@ import random
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from .data import collate, n_targets
 from .device import fast_bfloat16, resolve_device
-from .model import IGNORE_INDEX, Block
+from .distributed import all_sum, grad_sync, shard, world, wrap
+from .model import IGNORE_INDEX
 
 CHECKPOINT_FILE = "ckpt.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -91,257 +87,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.min_lr > self.lr:
             raise ValueError(f"need warmup_steps >= 0 and min_lr <= lr, got {self.warmup_steps}, {self.min_lr}, {self.lr}")
-
-
-# ----------------------------------------------------------------------------- processes
-
-def init_distributed():
-    """Join the process group when launched by torchrun (RANK and WORLD_SIZE set): NCCL with CUDA,
-    gloo otherwise. Returns (rank, world_size); (0, 1) for a plain single process."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def world():
-    """(rank, world_size) of this process."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def all_sum(values, device):
-    """Sum a list of floats over all processes."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-# ----------------------------------------------------------------------------- pieces of the loop
-
-DECAYS = ("cosine", "linear")
-
-
-def lr_at(step, steps, lr, min_lr=0.0, warmup_steps=0, decay="cosine"):
-    """Learning rate of optimizer step `step` (0-based) of `steps`: the one schedule of every training
-    loop here (the LM's, HuBERT's, the phone recogniser's, both vocoders'). It rises linearly over
-    the first `warmup_steps` steps to `lr`, then falls to `min_lr` at the last step along a cosine
-    or (decay="linear") a straight line. min_lr == lr keeps it constant after the warmup."""
-    if decay not in DECAYS:
-        raise ValueError(f"unknown decay {decay!r}; valid: {', '.join(DECAYS)}")
-    if step < warmup_steps:
-        return lr * (step + 1) / (warmup_steps + 1)
-    progress = min((step - warmup_steps) / max(1, steps - 1 - warmup_steps), 1.0)  # 0 -> 1
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1 - progress  # 1 -> 0
-    return min_lr + shape * (lr - min_lr)
-
-
-def make_optimizer(model, cfg, device):
-    """AdamW over the trainable parameters; weight decay on matrices (embeddings, projections) only."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
-
-
-class DataOrder:
-    """Where the loop is in the data: epoch, and index in that epoch's seeded permutation."""
-
-    def __init__(self, n, seed, epoch=0, index=0):
-        self.n, self.seed, self.epoch, self.index = n, seed, epoch, index
-        self.perm = self._permutation()
-
-    def _permutation(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)  # new order each epoch
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def take(self, count):
-        """The next `count` example indices, running into the next epoch when this one ends."""
-        out = []
-        while len(out) < count:
-            if self.index == self.n:
-                self.epoch, self.index = self.epoch + 1, 0
-                self.perm = self._permutation()
-            take = min(count - len(out), self.n - self.index)
-            out += self.perm[self.index:self.index + take]
-            self.index += take
-        return out
-
-
-def shard(items, rank, world_size):
-    """This process's contiguous share of one micro-batch."""
-    per = len(items) // world_size
-    return items[rank * per:(rank + 1) * per]
-
-
-def rng_state():
-    keys, pos, has_gauss, cached = np.random.get_state()[1:]
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
-                       "cached_gaussian": cached}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(state, path):
-    """torch.save to a temporary file, flushed to disk, then renamed over `path` (atomic)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-STATE_OPTIONS = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-
-
-def checkpoint_state(model, optimizer, step, order, cfg):
-    """Everything needed to continue; collective under FSDP (every process must call it)."""
-    rank, world_size = world()
-    rngs = [None] * world_size
-    if dist.is_initialized():
-        dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
-    return {"model": get_model_state_dict(model, options=STATE_OPTIONS),
-            "optimizer": get_optimizer_state_dict(model, optimizer, options=STATE_OPTIONS),
-            "step": step, "epoch": order.epoch, "index": order.index, "rng": rngs,
-            "world_size": world_size, "train_config": asdict(cfg)}
-
-
-def load_checkpoint(path, model, optimizer, cfg):
-    """Restore model, optimizer and this process's RNG; returns (step, epoch, index)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    saved = ckpt["train_config"]
-    for key in ("seed", "batch_size", "grad_accum"):
-        if saved[key] != getattr(cfg, key):
-            raise ValueError(f"{path} was written with {key}={saved[key]}, this run has {getattr(cfg, key)}: "
-                             f"the data order would differ; use another out_dir or the same {key}")
-    # the names only: sharded (no gathering), since a full state dict is given to the first process alone
-    expected = set(get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)))
-    if set(ckpt["model"]) != expected:
-        raise ValueError(f"{path} does not fit this model's trainable parameters: missing "
-                         f"{sorted(expected - set(ckpt['model']))[:3]}, unexpected {sorted(set(ckpt['model']) - expected)[:3]}")
-    set_model_state_dict(model, ckpt["model"], options=STATE_OPTIONS)
-    set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=STATE_OPTIONS)
-    rank, world_size = world()
-    if ckpt["world_size"] == world_size:  # another process count continues the data, not the dropout masks
-        set_rng_state(ckpt["rng"][rank])
-    return ckpt["step"], ckpt["epoch"], ckpt["index"]
-
-
-def wrap(model, cfg, device):
-    """DDP or FSDP around the model when several processes train; the model itself otherwise."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return model
-    if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for block in [m for m in model.modules() if isinstance(m, Block)]:
-            fully_shard(block)  # each block's weights are gathered just for its forward and backward
-        fully_shard(model)
-        return model
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def grad_sync(model, sync):
-    """Skip the cross-process gradient reduction on all but the last micro-batch of a step."""
-    if isinstance(model, DistributedDataParallel):
-        return nullcontext() if sync else model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP
-        model.set_requires_gradient_sync(sync)
-    return nullcontext()
-
-
-@torch.no_grad()
-def shared_prefix(batch, gradient_checkpointing, at_least=16):
-    """How many leading tokens every row of a collated batch shares with no target among them (BOS
-    and the system prompt): the model then computes them once (model.SharedPrefix). 0 when fewer
-    than `at_least`, with one row, with gradient checkpointing (which needs whole rows), or with
-    several processes (DDP and FSDP expect every process to run the same graph)."""
-    x, y = batch["input_ids"], batch["labels"]
-    if len(x) < 2 or gradient_checkpointing or world()[1] > 1:
-        return 0
-    same = (x == x[:1]).all(0).long()  # (T,) 1 where every row has the first row's token
-    n = int(same.cumprod(0).sum())  # length of the common prefix
-    targeted = (y != IGNORE_INDEX).any(0).nonzero()
-    n = min(n, int(targeted[0]) if len(targeted) else n, int(batch["lengths"].min()) - 1)
-    return n if n >= at_least else 0
-
-
-def prefix_groups(examples, gradient_checkpointing, head=16):
-    """A micro-batch in at most two parts: the rows that start as most of its rows do (BOS and the
-    system prompt, when instruction examples are mixed with text lines), and the others, when the
-    first part then has a shared prefix to compute once (`shared_prefix`); else the batch whole. The
-    step's loss and gradient are the same sums either way."""
-    heads = Counter(tuple(e.tokens[:head]) for e in examples)
-    common, count = heads.most_common(1)[0]
-    if count < 2 or count == len(examples):
-        return [examples]
-    alike = [e for e in examples if tuple(e.tokens[:head]) == common]
-    if shared_prefix(collate(alike), gradient_checkpointing, at_least=head) == 0:
-        return [examples]  # nothing to save (targets in the common start, checkpointing, several processes)
-    return [alike, [e for e in examples if tuple(e.tokens[:head]) != common]]
-
-
-def evaluate(model, examples, cfg, device, autocast):
-    """Mean loss per target token over the validation examples (each process takes a share)."""
-    rank, world_size = world()
-    model.eval()
-    examples = examples[:len(examples) - len(examples) % world_size]  # equal shares: FSDP needs them
-    if not examples:
-        raise ValueError(f"the validation set has fewer examples than the {world_size} processes")
-    mine = examples[rank::world_size]
-    per = max(1, cfg.batch_size // world_size)
-    batches = [mine[i:i + per] for i in range(0, len(mine), per)][:cfg.eval_batches]
-    total, count = 0.0, 0
-    for batch in batches:
-        b = collate(batch)
-        with autocast:
-            _, loss = model(b["input_ids"].to(device), b["labels"].to(device),
-                            shared_prefix=shared_prefix(b, cfg.gradient_checkpointing))
-        n = sum(n_targets(e) for e in batch)
-        total, count = total + loss.item() * n, count + n
-    model.train()
-    total, count = all_sum([total, count], device)
-    return total / max(count, 1)
-
-
-def keep_metrics_until(path, step):
-    """Keep the metrics of the steps a checkpoint has; forget those done after it (they will be
-    done again), and a last line torn by a crash."""
-    kept = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record["step"] <= step:
-            kept.append(line + "\n")
-    path.write_text("".join(kept))
-
-
-def log_line(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -450,3 +195,129 @@ def train(model, train_set, cfg, val_set=None, score_tasks=None):
                 dist.barrier()
     bar.close()
     return history
+
+
+# ----------------------------------------------------------------------------- pieces of the loop
+
+DECAYS = ("cosine", "linear")
+
+
+def lr_at(step, steps, lr, min_lr=0.0, warmup_steps=0, decay="cosine"):
+    """Learning rate of optimizer step `step` (0-based) of `steps`: the one schedule of every training
+    loop here (the LM's, HuBERT's, the phone recogniser's, both vocoders'). It rises linearly over
+    the first `warmup_steps` steps to `lr`, then falls to `min_lr` at the last step along a cosine
+    or (decay="linear") a straight line. min_lr == lr keeps it constant after the warmup."""
+    if decay not in DECAYS:
+        raise ValueError(f"unknown decay {decay!r}; valid: {', '.join(DECAYS)}")
+    if step < warmup_steps:
+        return lr * (step + 1) / (warmup_steps + 1)
+    progress = min((step - warmup_steps) / max(1, steps - 1 - warmup_steps), 1.0)  # 0 -> 1
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1 - progress  # 1 -> 0
+    return min_lr + shape * (lr - min_lr)
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW over the trainable parameters; weight decay on matrices (embeddings, projections) only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+class DataOrder:
+    """Where the loop is in the data: epoch, and index in that epoch's seeded permutation."""
+
+    def __init__(self, n, seed, epoch=0, index=0):
+        self.n, self.seed, self.epoch, self.index = n, seed, epoch, index
+        self.perm = self._permutation()
+
+    def _permutation(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)  # new order each epoch
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def take(self, count):
+        """The next `count` example indices, running into the next epoch when this one ends."""
+        out = []
+        while len(out) < count:
+            if self.index == self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+                self.perm = self._permutation()
+            take = min(count - len(out), self.n - self.index)
+            out += self.perm[self.index:self.index + take]
+            self.index += take
+        return out
+
+
+@torch.no_grad()
+def shared_prefix(batch, gradient_checkpointing, at_least=16):
+    """How many leading tokens every row of a collated batch shares with no target among them (BOS
+    and the system prompt): the model then computes them once (model.SharedPrefix). 0 when fewer
+    than `at_least`, with one row, with gradient checkpointing (which needs whole rows), or with
+    several processes (DDP and FSDP expect every process to run the same graph)."""
+    x, y = batch["input_ids"], batch["labels"]
+    if len(x) < 2 or gradient_checkpointing or world()[1] > 1:
+        return 0
+    same = (x == x[:1]).all(0).long()  # (T,) 1 where every row has the first row's token
+    n = int(same.cumprod(0).sum())  # length of the common prefix
+    targeted = (y != IGNORE_INDEX).any(0).nonzero()
+    n = min(n, int(targeted[0]) if len(targeted) else n, int(batch["lengths"].min()) - 1)
+    return n if n >= at_least else 0
+
+
+def prefix_groups(examples, gradient_checkpointing, head=16):
+    """A micro-batch in at most two parts: the rows that start as most of its rows do (BOS and the
+    system prompt, when instruction examples are mixed with text lines), and the others, when the
+    first part then has a shared prefix to compute once (`shared_prefix`); else the batch whole. The
+    step's loss and gradient are the same sums either way."""
+    heads = Counter(tuple(e.tokens[:head]) for e in examples)
+    common, count = heads.most_common(1)[0]
+    if count < 2 or count == len(examples):
+        return [examples]
+    alike = [e for e in examples if tuple(e.tokens[:head]) == common]
+    if shared_prefix(collate(alike), gradient_checkpointing, at_least=head) == 0:
+        return [examples]  # nothing to save (targets in the common start, checkpointing, several processes)
+    return [alike, [e for e in examples if tuple(e.tokens[:head]) != common]]
+
+
+def evaluate(model, examples, cfg, device, autocast):
+    """Mean loss per target token over the validation examples (each process takes a share)."""
+    rank, world_size = world()
+    model.eval()
+    examples = examples[:len(examples) - len(examples) % world_size]  # equal shares: FSDP needs them
+    if not examples:
+        raise ValueError(f"the validation set has fewer examples than the {world_size} processes")
+    mine = examples[rank::world_size]
+    per = max(1, cfg.batch_size // world_size)
+    batches = [mine[i:i + per] for i in range(0, len(mine), per)][:cfg.eval_batches]
+    total, count = 0.0, 0
+    for batch in batches:
+        b = collate(batch)
+        with autocast:
+            _, loss = model(b["input_ids"].to(device), b["labels"].to(device),
+                            shared_prefix=shared_prefix(b, cfg.gradient_checkpointing))
+        n = sum(n_targets(e) for e in batch)
+        total, count = total + loss.item() * n, count + n
+    model.train()
+    total, count = all_sum([total, count], device)
+    return total / max(count, 1)
+
+
+def keep_metrics_until(path, step):
+    """Keep the metrics of the steps a checkpoint has; forget those done after it (they will be
+    done again), and a last line torn by a crash."""
+    kept = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= step:
+            kept.append(line + "\n")
+    path.write_text("".join(kept))
+
+
+def log_line(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -21,10 +21,11 @@ from speechgpt_min.data import (
 from speechgpt_min.lora import LoRAConfig, inject, lora_state_dict
 from speechgpt_min.model import IGNORE_INDEX, LMConfig, Transformer
 from speechgpt_min.tokenizer import Tokenizer
+from speechgpt_min.checkpoint import save_checkpoint
 from speechgpt_min.device import resolve_device
+from speechgpt_min.distributed import init_distributed
 from speechgpt_min.trainer import (
-    CHECKPOINT_FILE, METRICS_FILE, DataOrder, TrainConfig, init_distributed, keep_metrics_until, lr_at,
-    save_checkpoint, shared_prefix, train,
+    CHECKPOINT_FILE, METRICS_FILE, DataOrder, TrainConfig, keep_metrics_until, lr_at, shared_prefix, train,
 )
 
 WORDS = "the a frog cat dog sings sleeps runs red blue green big small one two three four".split()
