@@ -11,14 +11,13 @@ from speechgpt_min.hubert import HuBERT, HubertConfig, extract_features, frame_l
 from speechgpt_min.hubert_training import mfcc_features, pretrain, span_mask, train_unit_encoder
 from speechgpt_min.units import speech_to_units
 
-transformers = pytest.importorskip("transformers")
 
 SMALL = dict(conv_dim=(16, 16, 24, 24, 24, 32, 32), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
              intermediate_size=48, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
+def hf_dir(tmp_path_factory, transformers):
     """A random-init transformers HubertModel saved as config.json + model.safetensors."""
     torch.manual_seed(0)
     model = transformers.HubertModel(transformers.HubertConfig(**SMALL)).eval()
@@ -71,7 +70,7 @@ def test_padded_batch_with_attention_mask_matches_hf_where_norm_is_unaffected(hf
         torch.testing.assert_close(a[0], b[0], rtol=1e-4, atol=1e-4)
 
 
-def test_legacy_weight_g_weight_v_layout(hf_dir, tmp_path):
+def test_legacy_weight_g_weight_v_layout(hf_dir, tmp_path, transformers):
     directory, hf = hf_dir
     tensors = load_file(str(directory / "model.safetensors"))
     prefix = "encoder.pos_conv_embed.conv."
