@@ -51,7 +51,8 @@ def parse_args(argv=None):
     model.add_argument("--vocoder", type=Path, help="unit vocoder: directory or checkpoint with config.json beside it")
     model.add_argument("--prompts", choices=sorted(PROMPT_FORMATS),
                        help="prompt format (default: trained for --run, released for --lm)")
-    model.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    model.add_argument("--device", default="auto",
+                       help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps (default: auto)")
 
     io = p.add_argument_group("input and output")
     io.add_argument("--wav", type=Path, help="one spoken question (or speech for --task asr), then exit")

@@ -54,14 +54,15 @@ from speechgpt_min.evaluate import (WHISPER_MISSING, cross_voice_similarity, eva
                                     evaluate_text_questions, evaluate_tts, evaluate_vocoder_speech,
                                     fact_completion_accuracy, speech_whisper_wer, unigram_loss, whisper_available)
 from speechgpt_min.hubert import HubertConfig
-from speechgpt_min.hubert_training import mfcc_features
+from speechgpt_min.hubert_training import mfcc_features, train_unit_encoder
 from speechgpt_min.lora import LoRAConfig, inject, save_adapter
 from speechgpt_min.model import LMConfig, Transformer
 from speechgpt_min.pipeline import PipelineError, SpeechGPT
 from speechgpt_min.tokenizer import Tokenizer
-from speechgpt_min.trainer import TrainConfig, fast_bfloat16, train
+from speechgpt_min.device import fast_bfloat16
+from speechgpt_min.trainer import TrainConfig, train
 from speechgpt_min.phones import PhoneRecognizerConfig, n_frames, normalised_mfcc, train_phone_recognizer
-from speechgpt_min.units import dedup, frame_phones, read_run_units, read_segs, score_units, speech_to_units, train_unit_encoder
+from speechgpt_min.units import dedup, frame_phones, read_run_units, read_segs, score_units, speech_to_units
 from speechgpt_min.mel_vocoder import MelVocoder, MelVocoderConfig
 from speechgpt_min.vocoder_training import train_mel_vocoder, vocoder_items
 from speechgpt_min.weights import expand_vocab, load_pretrained, reinit_rows, save_pretrained

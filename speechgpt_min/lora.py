@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from .presets import config_from_preset
+
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"
@@ -63,10 +65,9 @@ class LoRAConfig:
         return self.alpha / self.r
 
     @classmethod
-    def from_preset(cls, name):
-        if name not in LORA_PRESETS:
-            raise ValueError(f"unknown LoRA preset {name!r}; valid presets: {', '.join(LORA_PRESETS)}")
-        return cls(**LORA_PRESETS[name])
+    def from_preset(cls, name, **overrides):
+        """The named preset with any fields replaced, e.g. r=16 (presets.py)."""
+        return config_from_preset(cls, LORA_PRESETS, name, overrides)
 
 
 LORA_PRESETS = {

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .audio import log_mel_spectrogram, mel_filterbank
+from .presets import config_from_preset
 from .vocoder import DurationPredictor, UnitVocoder, check_durations, check_units
 
 KIND = "unit-mel-griffin-lim"  # config.json's "kind": what load_vocoder builds (released files have none)
@@ -73,9 +74,8 @@ class MelVocoderConfig:
 
     @classmethod
     def from_preset(cls, name, **overrides):
-        if name not in PRESETS:
-            raise ValueError(f"unknown mel vocoder preset {name!r}; valid presets: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        """The named preset with any fields replaced, e.g. num_embeddings=100 (presets.py)."""
+        return config_from_preset(cls, PRESETS, name, overrides)
 
     def to_dict(self):
         return {"kind": KIND, **dataclasses.asdict(self), "decoder_dilations": list(self.decoder_dilations)}

@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .presets import config_from_preset
+
 IGNORE_INDEX = -100  # targets with this value carry no loss (prompts, padding)
 
 
@@ -67,12 +69,7 @@ class LMConfig:
     def from_preset(cls, name, **overrides):
         """The named preset (exact name), with any fields replaced, e.g. vocab_size=1200, dim=192;
         the result is checked as a whole (a changed dim must still divide into the heads)."""
-        if name not in LM_PRESETS:
-            raise ValueError(f"unknown LM preset {name!r}; valid presets: {', '.join(LM_PRESETS)}")
-        unknown = sorted(set(overrides) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown LMConfig field(s) {unknown}; fields: {', '.join(cls.__dataclass_fields__)}")
-        return cls(**{**LM_PRESETS[name], **overrides})
+        return config_from_preset(cls, LM_PRESETS, name, overrides)
 
     def to_dict(self):
         return asdict(self)

@@ -33,6 +33,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .hubert_training import mfcc_features
+from .presets import config_from_preset
+from .trainer import lr_at
 
 FORMAT = "speechgpt_min.phone_recognizer"
 
@@ -48,6 +50,18 @@ class PhoneRecognizerConfig:
         self.dilations = tuple(self.dilations)
         if len(set(self.phones)) != len(self.phones):
             raise ValueError("the phone list has duplicates")
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """The named preset with any fields replaced, e.g. channels=32 (presets.py)."""
+        return config_from_preset(cls, PRESETS, name, overrides)
+
+
+PRESETS = {
+    # the toy's ears: 192 channels, 8 dilated convolutions (about 1.4 s of context); the phone list
+    # is filled in by train_phone_recognizer from the alignments and pronunciations
+    "toy": {},
+}
 
 
 def n_frames(wav):
@@ -187,7 +201,7 @@ def _epochs(model, inputs, targets, epochs, lr, batch_size, rng, desc, progress)
         rng.shuffle(batches)
         for batch in batches:
             for group in optimizer.param_groups:  # linear decay to zero
-                group["lr"] = lr * (1 - step / steps)
+                group["lr"] = lr_at(step, steps, lr, decay="linear")
             x = nn.utils.rnn.pad_sequence([inputs[i] for i in batch], batch_first=True)  # (B, T, 39)
             y = nn.utils.rnn.pad_sequence([targets[i] for i in batch], batch_first=True, padding_value=-100)
             loss = F.cross_entropy(model(x).transpose(1, 2), y, ignore_index=-100)

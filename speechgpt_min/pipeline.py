@@ -22,7 +22,6 @@ Sampling defaults are the released ones (temperature 0.7, top_p 0.8, top_k 50); 
 greedy decoding, which the evaluation (evaluate.py) uses.
 """
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,12 +29,13 @@ import torch
 
 from .audio import SAMPLE_RATE, load_audio
 from .data import (ASR_INSTRUCTIONS, CHAIN_TEMPLATE, END_OF_ANSWER, INFERENCE_TEMPLATE, INSTRUCTION_TEMPLATE,
-                   SYSTEM_PROMPT, TTS_INSTRUCTIONS, encode_prompt, speech_text)
+                   SYSTEM_PROMPT, TTS_INSTRUCTIONS, encode_prompt)
+from .device import resolve_device
 from .hubert import HuBERT
 from .lora import load_adapter, merge_and_unload
 from .phones import PhoneRecognizer
 from .tokenizer import HF_FILE, SENTENCEPIECE_FILE, WORD_FILE, Tokenizer
-from .units import EOSP, SOSP, KMeans, dedup, speech_to_deduped_units
+from .units import EOSP, SOSP, UNIT_RE, KMeans, dedup, parse_units, speech_text, speech_to_deduped_units
 from .mel_vocoder import load_vocoder
 from .weights import load_pretrained
 
@@ -65,44 +65,10 @@ class Response:
         return not self.problems
 
 
-_UNIT = re.compile(r"<(\d+)>")
-
-
 def _clean(text):
     """Strip a field of its separators: "seven; " -> "seven"; empty -> None."""
     text = text.strip().removesuffix(";").strip()
     return text or None
-
-
-def _parse_speech(text, n_units, problems):
-    """" <sosp><5><9><eosp>" -> [5, 9], tolerating a missing <sosp> or <eosp>, text among the
-    units and out-of-range ids (all dropped and listed in `problems`)."""
-    start = text.find(SOSP)
-    if start < 0:
-        problems.append("speech answer without <sosp>")
-    else:
-        if text[:start].strip():
-            problems.append(f"unexpected text before <sosp>: {text[:start].strip()[:30]!r}")
-        text = text[start + len(SOSP):]
-    end = text.find(EOSP)
-    if end < 0:
-        problems.append("speech answer without <eosp> (unterminated)")
-    else:
-        if text[end + len(EOSP):].strip():
-            problems.append(f"unexpected text after <eosp>: {text[end + len(EOSP):].strip()[:30]!r}")
-        text = text[:end]
-    garbage = _UNIT.sub("", text).strip()
-    if garbage:
-        problems.append(f"non-unit text inside the speech: {garbage[:30]!r}")
-    units = [int(u) for u in _UNIT.findall(text)]
-    if n_units is not None:
-        bad = [u for u in units if u >= n_units]
-        if bad:
-            problems.append(f"{len(bad)} unit id(s) out of range 0..{n_units - 1}, e.g. <{bad[0]}>: dropped")
-            units = [u for u in units if u < n_units]
-    if not units:
-        problems.append("speech answer with no units")
-    return units
 
 
 def parse_response(text, n_units=None):
@@ -124,14 +90,14 @@ def parse_response(text, n_units=None):
     units = []
     if "[ua]" in body:
         body, _, speech = body.partition("[ua]")
-        units = _parse_speech(speech, n_units, problems)
+        units = parse_units(speech, n_units, strict=False, problems=problems)
     elif SOSP in body:
         at = body.index(SOSP)
         body, speech = body[:at], body[at:]
-        units = _parse_speech(speech, n_units, problems)
+        units = parse_units(speech, n_units, strict=False, problems=problems)
         if "[ta]" in body:
             problems.append("speech answer without [ua]")
-    elif EOSP in body or _UNIT.search(body):
+    elif EOSP in body or UNIT_RE.search(body):
         problems.append("unit ids outside <sosp>...<eosp>: ignored")
 
     transcript, answer = None, None
@@ -190,10 +156,6 @@ class ChatResult:
 
 # ----------------------------------------------------------------------------- the pipeline
 
-def _device(device):
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
-
-
 class SpeechGPT:
     """LM + tokenizer, with the optional ears (HuBERT + k-means, or the toy's phone recogniser) and
     voice (a unit vocoder of either kind: UnitVocoder or MelVocoder, both `vocoder(units (B, N)) -> (B, samples)`
@@ -244,7 +206,7 @@ class SpeechGPT:
             (the released unit HiFi-GAN, or the toy's mel vocoder; mel_vocoder.load_vocoder).
         phones_dir: a PhoneRecognizer directory (the toy's ears; instead of hubert_dir and kmeans_path).
         """
-        device = _device(device)
+        device = resolve_device(device)
         try:
             lm = load_pretrained(lm_dir, dtype=dtype, device=device)
         except KeyError as error:  # a config.json without LLaMA's fields

@@ -36,9 +36,10 @@ import string
 from collections import Counter
 from pathlib import Path
 
-SPECIAL_TOKENS = ("<sosp>", "<eosp>", "[Human]", "[SpeechGPT]", "<eoh>", "<eos>")
+from .units import EOSP, SOSP, UNIT_RE, unit_token
+
+SPECIAL_TOKENS = (SOSP, EOSP, "[Human]", "[SpeechGPT]", "<eoh>", "<eos>")
 DEFAULT_UNITS = 1000  # the released SpeechGPT's k-means size
-UNIT_RE = re.compile(r"<(0|[1-9][0-9]*)>")
 
 SENTENCEPIECE_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
@@ -247,17 +248,17 @@ class Tokenizer:
             raise TokenizerError(f"n_units must be a positive number of speech units, got {n_units}")
 
         next_id = max([backend.vocab_size] + [i + 1 for i in self.added.values()])
-        for token in [f"<{u}>" for u in range(n_units)] + list(SPECIAL_TOKENS):
+        for token in [unit_token(u) for u in range(n_units)] + list(SPECIAL_TOKENS):
             if token not in self.added:
                 self.added[token] = next_id
                 next_id += 1
 
         self.n_units = n_units
-        self.unit_offset = self.added["<0>"]
+        self.unit_offset = self.added[unit_token(0)]
         for u in range(n_units):
-            if self.added[f"<{u}>"] != self.unit_offset + u:
+            if self.added[unit_token(u)] != self.unit_offset + u:
                 raise TokenizerError(f"{ADDED_TOKENS_FILE}: unit ids must be consecutive, but <{u}> has id "
-                                     f"{self.added[f'<{u}>']} and <0> has id {self.unit_offset}")
+                                     f"{self.added[unit_token(u)]} and <0> has id {self.unit_offset}")
         self.vocab_size = next_id
         self.id_to_added = {i: t for t, i in self.added.items()}
         # Longest first: at any position the longest added token matches (re tries alternatives in order).
@@ -285,8 +286,9 @@ class Tokenizer:
 
         Added tokens in the texts (units, <sosp>, [Human], ...) are not counted as words.
         """
-        pattern = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS) + r"|<(?:0|[1-9][0-9]*)>")
-        plain = [piece for text in texts for piece in pattern.split(text) if piece]
+        pattern = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS) + "|" + UNIT_RE.pattern)
+        # split() returns the text between matches and, after each, UNIT_RE's group: [::2] keeps the text
+        plain = [piece for text in texts for piece in pattern.split(text)[::2] if piece]
         return cls(WordBackend.train(plain, max_words, min_count), n_units=n_units)
 
     @classmethod

@@ -9,7 +9,7 @@ target token of the step, however the examples are cut into micro-batches or spr
 processes, so one process and N processes with the same batch_size compute the same update.
 
 What the loop does, step by step:
-    lr from the schedule (linear warmup, then cosine down to min_lr)
+    lr from the schedule (`lr_at`: linear warmup, then cosine down to min_lr)
     grad_accum micro-batches: forward (bf16 autocast where the hardware has fast bf16; a prefix all rows
         share, the system prompt, computed once), backward, gradients summed
     clip the gradient norm, AdamW step (weight decay on matrices only)
@@ -17,18 +17,17 @@ What the loop does, step by step:
     every eval_every steps: validation loss, and task scores (a callback that decodes a few held-out
         examples: CER, accuracy); every checkpoint_every steps: a checkpoint
 
-A checkpoint (`ckpt.pt` in out_dir) holds the trainable parameters (the whole model, or only
-the LoRA matrices when the base is frozen), the optimizer, the step, the data position (epoch and
-index in its permutation), and every process's RNG states (python, numpy, torch, CUDA). The
-learning-rate schedule is a function of the step, so the step is its whole state. The file is
-written to a temporary name and renamed over the old one, so a crash while writing leaves the
-previous checkpoint whole; a run restarted with the same out_dir continues from it as if never
-interrupted (bit for bit on CPU).
+A checkpoint (`ckpt.pt` in out_dir) holds everything needed to go on (checkpoint.py says what);
+a run restarted with the same out_dir continues from it as if never interrupted (bit for bit on CPU).
 
 Several processes: launch with `torchrun --nproc_per_node N script.py`, call
-`init_distributed()` first; each process takes its shard of every micro-batch. The model is
-wrapped in DistributedDataParallel, or with fsdp=True sharded by FSDP (one unit per Block), for
-models whose weights and optimizer state do not fit on one device.
+`distributed.init_distributed()` first; each process takes its shard of every micro-batch. The
+model is wrapped in DistributedDataParallel, or with fsdp=True sharded by FSDP (one unit per Block),
+for models whose weights and optimizer state do not fit on one device.
+
+This file reads top to bottom: TrainConfig, the loop (`train`), then the pieces it calls. The
+plumbing under it lives beside it: distributed.py (several processes) and checkpoint.py (saving
+and resuming).
 """
 import json
 import math
@@ -37,21 +36,19 @@ import random
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from .data import collate, n_targets
-from .model import IGNORE_INDEX, Block
+from .device import fast_bfloat16, resolve_device
+from .distributed import all_sum, grad_sync, shard, world, wrap
+from .model import IGNORE_INDEX
 
 CHECKPOINT_FILE = "ckpt.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -92,68 +89,131 @@ class TrainConfig:
             raise ValueError(f"need warmup_steps >= 0 and min_lr <= lr, got {self.warmup_steps}, {self.min_lr}, {self.lr}")
 
 
-# ----------------------------------------------------------------------------- device, processes
+# ----------------------------------------------------------------------------- the loop
 
-def resolve_device(name="auto"):
-    """"auto" -> CUDA if available, else Apple MPS, else CPU; any other name is checked."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r} asked for, but Apple MPS is not available here")
-    return device
+def train(model, train_set, cfg, val_set=None, score_tasks=None):
+    """Train `model` in place on train_set (a list of data.Example; val_set likewise, optional).
 
+    Only parameters with requires_grad are optimized and checkpointed: for stage 3, call
+    lora.inject(model, LoRAConfig.from_preset("speechgpt")) first. A checkpoint in cfg.out_dir is
+    resumed from (cfg.resume). score_tasks(model) -> {name: score}, optional, runs at every
+    evaluation (first process only) on the unwrapped model: what the model can *do* so far, beside
+    its loss. Returns the metric records of the steps this call ran, as written to metrics.jsonl:
+    {"step", "loss", "lr", "grad_norm", "tokens_per_s", "epoch"[, "val_loss", task scores]}.
+    """
+    rank, world_size = world()
+    if cfg.batch_size % world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world_size} processes")
+    if not train_set:
+        raise ValueError("the training set is empty")
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and fast_bfloat16(device))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, metrics_path = out_dir / CHECKPOINT_FILE, out_dir / METRICS_FILE
 
-def fast_bfloat16(device):
-    """Does bf16 autocast pay off here? On CUDA GPUs that support bf16, and on CPUs with bf16 matrix
-    instructions (AVX512-BF16 or AMX); elsewhere CPU bf16 is emulated and slower than float32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return False
+    torch.manual_seed(cfg.seed + rank)  # dropout masks (LoRA); overwritten by a checkpoint's RNG
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing = True  # the model's own switch (model.Transformer)
+    model.train()
+    unwrapped, model = model, wrap(model, cfg, device)
+    optimizer = make_optimizer(model, cfg, device)
 
+    step, epoch, index = 0, 0, 0
+    if cfg.resume and ckpt_path.exists():
+        step, epoch, index = load_checkpoint(ckpt_path, model, optimizer, cfg)
+    if rank == 0:
+        keep_metrics_until(metrics_path, step)
+    order = DataOrder(len(train_set), cfg.seed, epoch, index)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if rank == 0:
+        print(f"training {n_trainable / 1e6:.2f}M parameters on {device} x {world_size}, "
+              f"{len(train_set)} examples, from step {step} to {cfg.steps}")
 
-def init_distributed():
-    """Join the process group when launched by torchrun (RANK and WORLD_SIZE set): NCCL with CUDA,
-    gloo otherwise. Returns (rank, world_size); (0, 1) for a plain single process."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    history = []
+    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress or rank != 0, desc=out_dir.name)
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
 
+        # The step's examples, the same on every process; each process trains on its shard of each micro-batch.
+        micro = [[train_set[i] for i in order.take(cfg.batch_size)] for _ in range(cfg.grad_accum)]
+        step_targets = max(1, sum(n_targets(e) for batch in micro for e in batch))
+        step_tokens = sum(len(e.tokens) - 1 for batch in micro for e in batch)
+        loss_sum = 0.0
+        for m, batch in enumerate(micro):
+            mine = shard(batch, rank, world_size)
+            parts = prefix_groups(mine, cfg.gradient_checkpointing)
+            for p, part in enumerate(parts):
+                b = collate(part)
+                x, y = b["input_ids"].to(device), b["labels"].to(device)  # (b, T) each
+                with grad_sync(model, sync=m == cfg.grad_accum - 1 and p == len(parts) - 1):
+                    with autocast:
+                        _, loss = model(x, y, shared_prefix=shared_prefix(b, cfg.gradient_checkpointing))  # mean over targets
+                    # Re-weight to this part's share of the step's sum; DDP/FSDP average over processes.
+                    loss = loss * (sum(n_targets(e) for e in part) / step_targets)
+                    (loss * world_size).backward()
+                loss_sum += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
 
-def world():
-    """(rank, world_size) of this process."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        (loss_value,) = all_sum([loss_sum], device)
+        dt = time.perf_counter() - t0
+        record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                  "tokens_per_s": step_tokens / dt, "epoch": order.epoch}
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if val_set:
+                record["val_loss"] = evaluate(model, val_set, cfg, device, autocast)
+            if score_tasks is not None and rank == 0 and not cfg.fsdp:  # FSDP: weights are sharded
+                unwrapped.eval()
+                with torch.no_grad(), autocast:
+                    record.update(score_tasks(unwrapped))
+                unwrapped.train()
+        history.append(record)
+        if rank == 0:
+            log_line(metrics_path, record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
 
-
-def all_sum(values, device):
-    """Sum a list of floats over all processes."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
+        if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            state = checkpoint_state(model, optimizer, step, order, cfg)
+            if rank == 0:
+                save_checkpoint(state, ckpt_path)
+            if dist.is_initialized():
+                dist.barrier()
+    bar.close()
+    return history
 
 
 # ----------------------------------------------------------------------------- pieces of the loop
 
-def lr_at(step, cfg):
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps)  # 0 -> 1
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
+DECAYS = ("cosine", "linear")
+
+
+def lr_at(step, steps, lr, min_lr=0.0, warmup_steps=0, decay="cosine"):
+    """Learning rate of optimizer step `step` (0-based) of `steps`: the one schedule of every training
+    loop here (the LM's, HuBERT's, the phone recogniser's, both vocoders'). It rises linearly over
+    the first `warmup_steps` steps to `lr`, then falls to `min_lr` at the last step along a cosine
+    or (decay="linear") a straight line. min_lr == lr keeps it constant after the warmup."""
+    if decay not in DECAYS:
+        raise ValueError(f"unknown decay {decay!r}; valid: {', '.join(DECAYS)}")
+    if step < warmup_steps:
+        return lr * (step + 1) / (warmup_steps + 1)
+    progress = min((step - warmup_steps) / max(1, steps - 1 - warmup_steps), 1.0)  # 0 -> 1
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1 - progress  # 1 -> 0
+    return min_lr + shape * (lr - min_lr)
 
 
 def make_optimizer(model, cfg, device):
@@ -188,106 +248,6 @@ class DataOrder:
             out += self.perm[self.index:self.index + take]
             self.index += take
         return out
-
-
-def shard(items, rank, world_size):
-    """This process's contiguous share of one micro-batch."""
-    per = len(items) // world_size
-    return items[rank * per:(rank + 1) * per]
-
-
-def rng_state():
-    keys, pos, has_gauss, cached = np.random.get_state()[1:]
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
-                       "cached_gaussian": cached}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(state, path):
-    """torch.save to a temporary file, flushed to disk, then renamed over `path` (atomic)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-STATE_OPTIONS = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-
-
-def checkpoint_state(model, optimizer, step, order, cfg):
-    """Everything needed to continue; collective under FSDP (every process must call it)."""
-    rank, world_size = world()
-    rngs = [None] * world_size
-    if dist.is_initialized():
-        dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
-    return {"model": get_model_state_dict(model, options=STATE_OPTIONS),
-            "optimizer": get_optimizer_state_dict(model, optimizer, options=STATE_OPTIONS),
-            "step": step, "epoch": order.epoch, "index": order.index, "rng": rngs,
-            "world_size": world_size, "train_config": asdict(cfg)}
-
-
-def load_checkpoint(path, model, optimizer, cfg):
-    """Restore model, optimizer and this process's RNG; returns (step, epoch, index)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    saved = ckpt["train_config"]
-    for key in ("seed", "batch_size", "grad_accum"):
-        if saved[key] != getattr(cfg, key):
-            raise ValueError(f"{path} was written with {key}={saved[key]}, this run has {getattr(cfg, key)}: "
-                             f"the data order would differ; use another out_dir or the same {key}")
-    # the names only: sharded (no gathering), since a full state dict is given to the first process alone
-    expected = set(get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)))
-    if set(ckpt["model"]) != expected:
-        raise ValueError(f"{path} does not fit this model's trainable parameters: missing "
-                         f"{sorted(expected - set(ckpt['model']))[:3]}, unexpected {sorted(set(ckpt['model']) - expected)[:3]}")
-    set_model_state_dict(model, ckpt["model"], options=STATE_OPTIONS)
-    set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=STATE_OPTIONS)
-    rank, world_size = world()
-    if ckpt["world_size"] == world_size:  # another process count continues the data, not the dropout masks
-        set_rng_state(ckpt["rng"][rank])
-    return ckpt["step"], ckpt["epoch"], ckpt["index"]
-
-
-def wrap(model, cfg, device):
-    """DDP or FSDP around the model when several processes train; the model itself otherwise."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return model
-    if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for block in [m for m in model.modules() if isinstance(m, Block)]:
-            fully_shard(block)  # each block's weights are gathered just for its forward and backward
-        fully_shard(model)
-        return model
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def grad_sync(model, sync):
-    """Skip the cross-process gradient reduction on all but the last micro-batch of a step."""
-    if isinstance(model, DistributedDataParallel):
-        return nullcontext() if sync else model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP
-        model.set_requires_gradient_sync(sync)
-    return nullcontext()
 
 
 @torch.no_grad()
@@ -361,111 +321,3 @@ def keep_metrics_until(path, step):
 def log_line(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-# ----------------------------------------------------------------------------- the loop
-
-def train(model, train_set, cfg, val_set=None, score_tasks=None):
-    """Train `model` in place on train_set (a list of data.Example; val_set likewise, optional).
-
-    Only parameters with requires_grad are optimized and checkpointed: for stage 3, call
-    lora.inject(model, LoRAConfig.from_preset("speechgpt")) first. A checkpoint in cfg.out_dir is
-    resumed from (cfg.resume). score_tasks(model) -> {name: score}, optional, runs at every
-    evaluation (first process only) on the unwrapped model: what the model can *do* so far, beside
-    its loss. Returns the metric records of the steps this call ran, as written to metrics.jsonl:
-    {"step", "loss", "lr", "grad_norm", "tokens_per_s", "epoch"[, "val_loss", task scores]}.
-    """
-    rank, world_size = world()
-    if cfg.batch_size % world_size:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world_size} processes")
-    if not train_set:
-        raise ValueError("the training set is empty")
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and world_size > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-        torch.cuda.set_device(device)
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and fast_bfloat16(device))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, metrics_path = out_dir / CHECKPOINT_FILE, out_dir / METRICS_FILE
-
-    torch.manual_seed(cfg.seed + rank)  # dropout masks (LoRA); overwritten by a checkpoint's RNG
-    random.seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    model.to(device)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing = True  # the model's own switch (model.Transformer)
-    model.train()
-    unwrapped, model = model, wrap(model, cfg, device)
-    optimizer = make_optimizer(model, cfg, device)
-
-    step, epoch, index = 0, 0, 0
-    if cfg.resume and ckpt_path.exists():
-        step, epoch, index = load_checkpoint(ckpt_path, model, optimizer, cfg)
-    if rank == 0:
-        keep_metrics_until(metrics_path, step)
-    order = DataOrder(len(train_set), cfg.seed, epoch, index)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if rank == 0:
-        print(f"training {n_trainable / 1e6:.2f}M parameters on {device} x {world_size}, "
-              f"{len(train_set)} examples, from step {step} to {cfg.steps}")
-
-    history = []
-    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress or rank != 0, desc=out_dir.name)
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        # The step's examples, the same on every process; each process trains on its shard of each micro-batch.
-        micro = [[train_set[i] for i in order.take(cfg.batch_size)] for _ in range(cfg.grad_accum)]
-        step_targets = max(1, sum(n_targets(e) for batch in micro for e in batch))
-        step_tokens = sum(len(e.tokens) - 1 for batch in micro for e in batch)
-        loss_sum = 0.0
-        for m, batch in enumerate(micro):
-            mine = shard(batch, rank, world_size)
-            parts = prefix_groups(mine, cfg.gradient_checkpointing)
-            for p, part in enumerate(parts):
-                b = collate(part)
-                x, y = b["input_ids"].to(device), b["labels"].to(device)  # (b, T) each
-                with grad_sync(model, sync=m == cfg.grad_accum - 1 and p == len(parts) - 1):
-                    with autocast:
-                        _, loss = model(x, y, shared_prefix=shared_prefix(b, cfg.gradient_checkpointing))  # mean over targets
-                    # Re-weight to this part's share of the step's sum; DDP/FSDP average over processes.
-                    loss = loss * (sum(n_targets(e) for e in part) / step_targets)
-                    (loss * world_size).backward()
-                loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-
-        (loss_value,) = all_sum([loss_sum], device)
-        dt = time.perf_counter() - t0
-        record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                  "tokens_per_s": step_tokens / dt, "epoch": order.epoch}
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            if val_set:
-                record["val_loss"] = evaluate(model, val_set, cfg, device, autocast)
-            if score_tasks is not None and rank == 0 and not cfg.fsdp:  # FSDP: weights are sharded
-                unwrapped.eval()
-                with torch.no_grad(), autocast:
-                    record.update(score_tasks(unwrapped))
-                unwrapped.train()
-        history.append(record)
-        if rank == 0:
-            log_line(metrics_path, record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-
-        if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-            state = checkpoint_state(model, optimizer, step, order, cfg)
-            if rank == 0:
-                save_checkpoint(state, ckpt_path)
-            if dist.is_initialized():
-                dist.barrier()
-    bar.close()
-    return history

@@ -1,12 +1,14 @@
 """Discrete speech units: k-means over encoder frames, repeats merged, spelled as SpeechGPT spells them.
 
     features (T, D) ──KMeans.assign──> unit ids (T,) at 50 Hz ──dedup──> units, durations
-    units ──units_to_string──> "<sosp><12><7><305><eosp>"      (and string_to_units back)
+    units ──speech_text──> "<sosp><12><7><305><eosp>"      (and parse_units back, strict or tolerant)
+
+This module owns that spelling: `UNIT_RE` (one unit token), `unit_token`, `speech_text` and
+`parse_units`; the tokenizer, the training data and the pipeline's response parser all use them.
 
 How good are units? `unit_quality` scores them against phone alignments: PNMI = I(phone; unit) /
 H(phone), the share of phone information the units keep (1 = units determine the phone).
 """
-import copy
 import json
 import re
 from pathlib import Path
@@ -15,8 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .hubert import HuBERT, extract_features
-from .hubert_training import mfcc_features, pretrain
+from .hubert import extract_features
 
 FORMAT = "speechgpt_min.kmeans"
 SOSP, EOSP = "<sosp>", "<eosp>"
@@ -122,25 +123,48 @@ def dedup(units):
     return torch.unique_consecutive(units, return_counts=True)
 
 
-def units_to_string(units):
-    """[12, 12, 7, 305] -> "<sosp><12><7><305><eosp>": SpeechGPT's spelling, repeats merged."""
-    merged, _ = dedup(torch.as_tensor(units, dtype=torch.long))
-    return SOSP + "".join(f"<{u}>" for u in merged.tolist()) + EOSP
+UNIT_RE = re.compile(r"<(0|[1-9][0-9]*)>")  # one unit token, "<12>"; group 1 is its id (no leading zeros)
 
 
-_UNIT = re.compile(r"<(\d+)>")
+def unit_token(unit):
+    """12 -> "<12>": how unit `unit` is spelled, in text and as a token of the tokenizer."""
+    unit = int(unit)
+    if unit < 0:
+        raise UnitError(f"unit ids are non-negative integers, got {unit}")
+    return f"<{unit}>"
 
 
-def string_to_units(text, n_units=None):
-    """"<sosp><12><7><305><eosp>" -> [12, 7, 305]. Raises UnitError naming the problem: a missing
-    <sosp>/<eosp>, or anything between them that is not <digits> (or a unit >= n_units)."""
+def speech_text(units):
+    """[12, 12, 7, 305] -> "<sosp><12><7><305><eosp>": SpeechGPT's spelling of speech in text,
+    consecutive repeats merged, no spaces. units: a list or a (T,) tensor of ids."""
+    units = [int(u) for u in units]
+    merged = [u for i, u in enumerate(units) if i == 0 or u != units[i - 1]]
+    return SOSP + "".join(unit_token(u) for u in merged) + EOSP
+
+
+def parse_units(text, n_units=None, strict=True, problems=None):
+    """"<sosp><12><7><305><eosp>" -> [12, 7, 305], the inverse of `speech_text`.
+
+    strict (text we wrote): exactly that spelling, or a UnitError naming the first problem and
+        where: a missing <sosp>/<eosp>, anything between them that is not a unit token, a unit
+        >= n_units.
+    strict=False (text a model generated, which may be anything): never raises; keeps every unit it
+        can read and drops the rest (text around or among the units, ids >= n_units), tolerating a
+        missing <sosp> or <eosp>; each departure is described in `problems` (a list), if given.
+    """
+    if strict:
+        return _parse_strict(text, n_units)
+    return _parse_tolerant(text, n_units, problems if problems is not None else [])
+
+
+def _parse_strict(text, n_units):
     if not text.startswith(SOSP):
         raise UnitError(f"unit string must start with {SOSP}, got {text[:20]!r}")
     if not text.endswith(EOSP):
         raise UnitError(f"unit string must end with {EOSP}, got ...{text[-20:]!r}")
     body, units, pos = text[len(SOSP): len(text) - len(EOSP)], [], 0
     while pos < len(body):
-        match = _UNIT.match(body, pos)
+        match = UNIT_RE.match(body, pos)
         if match is None:
             raise UnitError(f"expected a unit like <12> at character {pos + len(SOSP)}, "
                             f"found {body[pos: pos + 12]!r}")
@@ -149,6 +173,35 @@ def string_to_units(text, n_units=None):
             raise UnitError(f"unit <{unit}> at character {pos + len(SOSP)} is out of range 0..{n_units - 1}")
         units.append(unit)
         pos = match.end()
+    return units
+
+
+def _parse_tolerant(text, n_units, problems):
+    start = text.find(SOSP)
+    if start < 0:
+        problems.append("speech answer without <sosp>")
+    else:
+        if text[:start].strip():
+            problems.append(f"unexpected text before <sosp>: {text[:start].strip()[:30]!r}")
+        text = text[start + len(SOSP):]
+    end = text.find(EOSP)
+    if end < 0:
+        problems.append("speech answer without <eosp> (unterminated)")
+    else:
+        if text[end + len(EOSP):].strip():
+            problems.append(f"unexpected text after <eosp>: {text[end + len(EOSP):].strip()[:30]!r}")
+        text = text[:end]
+    garbage = UNIT_RE.sub("", text).strip()
+    if garbage:
+        problems.append(f"non-unit text inside the speech: {garbage[:30]!r}")
+    units = [int(u) for u in UNIT_RE.findall(text)]
+    if n_units is not None:
+        bad = [u for u in units if u >= n_units]
+        if bad:
+            problems.append(f"{len(bad)} unit id(s) out of range 0..{n_units - 1}, e.g. <{bad[0]}>: dropped")
+            units = [u for u in units if u < n_units]
+    if not units:
+        problems.append("speech answer with no units")
     return units
 
 
@@ -240,52 +293,3 @@ def score_units(unit_seqs, alignment_paths):
         phones.extend(frame_phones(read_segs(path), len(seq)))
         units.append(np.asarray(seq))
     return unit_quality(phones, np.concatenate(units))
-
-
-# ----------------------------------------------------------------------------- the HuBERT recipe
-
-def kmeans_sample(wavs, seed=0, seconds=4000):
-    """A seeded random subset of the waveforms, about `seconds` long in all (all of them if shorter)."""
-    order = np.random.default_rng(seed).permutation(len(wavs))
-    total, chosen = 0, []
-    for i in order:
-        if total >= seconds * 16000:
-            break
-        chosen.append(wavs[i])
-        total += len(wavs[i])
-    return chosen
-
-
-def train_unit_encoder(wavs, config, n_units=100, steps=(700,), target_layer=0, unit_layer=1, lr=2e-3,
-                       batch_size=8, max_frames=64, warm_start=False, seed=0, bf16=False, progress=True):
-    """HuBERT's iterations from scratch (one per entry of `steps`), then the unit quantiser.
-
-    1. k-means (n_units) on MFCC frames -> targets; pretrain encoder 1 (masked prediction).
-    2. (if `steps` has a second entry) k-means on encoder 1's `target_layer` -> targets; pretrain
-       encoder 2 (fresh as in the paper, or continuing from encoder 1 with `warm_start`).
-    3. k-means on the last encoder's `unit_layer`: the units.
-    The defaults are the best setting measured on tiny_data within a few CPU minutes: one iteration
-    of 700 steps on short crops (64 frames, 1.3 s) gives units with more phone information than two
-    iterations of 100 steps on 150-frame crops, at more cost (scripts/measure_units.py; README,
-    "Speech to units", has both times).
-    wavs: list of (T_i,) 16 kHz tensors; config: a HubertConfig with num_clusters = n_units.
-    bf16: pretrain under bf16 autocast (see `pretrain`).
-    Returns dict: encoder (the last iteration's), layer, kmeans, and iteration1, mfcc_kmeans, losses for study.
-    """
-    torch.manual_seed(seed)
-    mfccs = [mfcc_features(w) for w in wavs]
-    mfcc_kmeans = fit_kmeans(mfccs, n_units, seed)
-    models, losses, targets = [], [], [mfcc_kmeans.assign(f) for f in mfccs]
-    for iteration, n_steps in enumerate(steps):
-        if iteration > 0:  # the next targets: clusters of the previous encoder's `target_layer`
-            features = extract_features(models[-1], wavs, target_layer, progress=progress)
-            target_kmeans = fit_kmeans(features, n_units, seed)
-            targets = [target_kmeans.assign(f) for f in features]
-        model = copy.deepcopy(models[-1]) if warm_start and models else HuBERT(config)
-        losses.append(pretrain(model, wavs, targets, n_steps, lr, batch_size, seed + iteration, max_frames, bf16=bf16,
-                               progress=progress))
-        models.append(model)
-    sample = kmeans_sample(wavs, seed)  # k-means fits on 50,000 frames: encoding every utterance would be wasted
-    kmeans = fit_kmeans(extract_features(models[-1], sample, unit_layer, progress=progress), n_units, seed)
-    return {"encoder": models[-1], "layer": unit_layer, "kmeans": kmeans, "iteration1": models[0],
-            "mfcc_kmeans": mfcc_kmeans, "losses": losses}

@@ -24,6 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
+from .presets import config_from_preset
+
 LRELU_SLOPE = 0.1
 
 # ----------------------------------------------------------------------------- config
@@ -58,10 +60,9 @@ class VocoderConfig:
                              f"got {self.discriminator_channels}")
 
     @classmethod
-    def from_preset(cls, name):
-        if name not in PRESETS:
-            raise ValueError(f"unknown vocoder preset {name!r}; valid presets: {', '.join(PRESETS)}")
-        return cls(**PRESETS[name])
+    def from_preset(cls, name, **overrides):
+        """The named preset with any fields replaced, e.g. num_embeddings=100 (presets.py)."""
+        return config_from_preset(cls, PRESETS, name, overrides)
 
     def to_dict(self):
         """The released config.json format (fairseq CodeHiFiGAN), plus our discriminator width."""

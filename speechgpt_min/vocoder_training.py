@@ -11,7 +11,6 @@ discriminators, least-squares adversarial loss, feature matching, log-mel L1 (we
 duration loss (MSE on log(d + 1)) and an optional multi-resolution STFT loss. Only training needs
 this module; hearing units needs vocoder.py (or mel_vocoder.py) alone.
 """
-import math
 import random
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 from tqdm import tqdm
 
 from .audio import load_audio, log_mel_spectrogram
+from .trainer import lr_at
 from .vocoder import LRELU_SLOPE
 
 # ----------------------------------------------------------------------------- the mel vocoder
@@ -66,7 +66,7 @@ def train_mel_vocoder(vocoder, dataset, steps, batch_size=4, lr=4e-3, warmup_fra
     Each step takes `batch_size` utterances of similar length (every one once per epoch) and lowers
     the L1 distance of the predicted log-mel to the real one (true durations, padding excluded) plus
     the duration loss, MSE on log(frames + 1). AdamW; lr rises linearly over the first
-    `warmup_fraction` of the steps, then decays along a cosine to 0. A short run learns most from
+    `warmup_fraction` of the steps, then decays along a cosine to 0 (trainer.lr_at). A short run learns most from
     many small batches: 800 steps of 4 utterances beat 200 of 16 (README, vocoder).
 
     dataset: items (wav (T,) float at 16 kHz, units (N,) long deduplicated, durations (N,) frames,
@@ -83,14 +83,13 @@ def train_mel_vocoder(vocoder, dataset, steps, batch_size=4, lr=4e-3, warmup_fra
     rng = random.Random(seed)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(vocoder.parameters(), lr, betas=(0.9, 0.98))
-    warmup = max(1, round(warmup_fraction * steps))
     vocoder.train()
     history, batches, start = [], [], time.perf_counter()
     bar = tqdm(range(steps), desc="mel vocoder", disable=not progress)
     for step in bar:
-        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        step_lr = lr_at(step, steps, lr, warmup_steps=round(warmup_fraction * steps))
         for group in optimizer.param_groups:
-            group["lr"] = lr * scale
+            group["lr"] = step_lr
         if not batches:  # a new epoch
             batches = _length_buckets([m.shape[1] for _, _, m in examples], batch_size, rng)
         units, durations, unit_mask, mels, mel_mask = _mel_batch([examples[i] for i in batches.pop()])
@@ -102,7 +101,7 @@ def train_mel_vocoder(vocoder, dataset, steps, batch_size=4, lr=4e-3, warmup_fra
         optimizer.zero_grad()
         (mel_loss + dur_loss).backward()
         optimizer.step()
-        record = {"step": step + 1, "lr": lr * scale, "mel": mel_loss.item(), "dur": dur_loss.item(),
+        record = {"step": step + 1, "lr": step_lr, "mel": mel_loss.item(), "dur": dur_loss.item(),
                   "seconds": time.perf_counter() - start}
         history.append(record)
         bar.set_postfix(mel=f"{record['mel']:.3f}", dur=f"{record['dur']:.3f}", refresh=False)
@@ -249,7 +248,7 @@ def train_vocoder(vocoder, dataset, steps, batch_size=4, segment_frames=16, lr=4
 
     dataset: items (wav (T,) float at 16 kHz, units (N,) long deduplicated, durations (N,) frames,
         durations.sum() * 320 ~ T). Each step crops `segment_frames` frames per item at random.
-    lr, min_lr: AdamW's learning rate at step 0, decayed along a cosine to min_lr at the last step;
+    lr, min_lr: AdamW's learning rate at step 0, decayed along a cosine to min_lr at the last step (trainer.lr_at);
         min_lr=None keeps lr constant. Each record holds its step's lr.
     warmup_steps: steps trained on the reconstruction losses only (mel_weight * mel L1 + stft_weight * MR-STFT
         + durations) before HiFi-GAN's adversarial and feature-matching losses join; None = all steps
@@ -269,9 +268,8 @@ def train_vocoder(vocoder, dataset, steps, batch_size=4, segment_frames=16, lr=4
     vocoder.train()
     history, start = [], time.perf_counter()
     for step in tqdm(range(steps), desc="vocoder", disable=not progress):
-        if min_lr is not None:  # cosine decay: lr at step 0, min_lr at the end
-            for group in optim_g.param_groups + (optim_d.param_groups if optim_d else []):
-                group["lr"] = min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in optim_g.param_groups + (optim_d.param_groups if optim_d else []):
+            group["lr"] = lr_at(step, steps, lr, min_lr=lr if min_lr is None else min_lr)  # cosine, or constant
         frames, real = _segments(items, batch_size, segment_frames, hop, rng)  # (B, S), (B, S * hop)
         fake = vocoder.decode(vocoder.dict(frames).transpose(1, 2))  # (B, S * hop)
         record = {"step": step + 1, "lr": optim_g.param_groups[0]["lr"]}

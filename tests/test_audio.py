@@ -7,8 +7,6 @@ import torch
 from speechgpt_min.audio import (AudioError, deltas, load_audio, log_mel_spectrogram, mel_filterbank,
                                  mel_spectrogram, mfcc, save_audio)
 
-librosa = pytest.importorskip("librosa")
-
 
 def tone(seconds=0.5, sr=16000, hz=440.0, channels=1):
     t = np.arange(int(seconds * sr)) / sr
@@ -122,14 +120,14 @@ def test_error_array_without_rate_or_bad_shape():
 # ----------------------------------------------------------------------------- features vs librosa
 
 @pytest.mark.parametrize("n_fft,n_mels,f_max", [(400, 80, None), (1024, 80, 8000.0), (512, 40, 7600.0)])
-def test_mel_filterbank_matches_librosa(n_fft, n_mels, f_max):
+def test_mel_filterbank_matches_librosa(n_fft, n_mels, f_max, librosa):
     ours = mel_filterbank(16000, n_fft, n_mels, f_max=f_max)
     reference = librosa.filters.mel(sr=16000, n_fft=n_fft, n_mels=n_mels, fmax=f_max)
     torch.testing.assert_close(ours, torch.from_numpy(reference), atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("center", [True, False])
-def test_mel_spectrogram_matches_librosa(center):
+def test_mel_spectrogram_matches_librosa(center, librosa):
     wav = speechlike()
     ours = mel_spectrogram(torch.from_numpy(wav), n_fft=400, hop_length=160, n_mels=80, center=center)
     reference = librosa.feature.melspectrogram(y=wav, sr=16000, n_fft=400, hop_length=160, n_mels=80,
@@ -138,7 +136,7 @@ def test_mel_spectrogram_matches_librosa(center):
     torch.testing.assert_close(ours, torch.from_numpy(reference), atol=1e-4, rtol=1e-3)
 
 
-def test_log_mel_batched_and_magnitude():
+def test_log_mel_batched_and_magnitude(librosa):
     wavs = torch.from_numpy(np.stack([speechlike(seed=0), speechlike(seed=1)]))
     batched = log_mel_spectrogram(wavs, n_fft=1024, hop_length=256, power=1.0)
     for i in range(2):
@@ -148,7 +146,7 @@ def test_log_mel_batched_and_magnitude():
                                    atol=1e-3, rtol=1e-3)
 
 
-def test_mfcc_matches_librosa():
+def test_mfcc_matches_librosa(librosa):
     wav = speechlike(seconds=1.3)
     ours = mfcc(torch.from_numpy(wav), n_mfcc=13, n_fft=400, hop_length=320, n_mels=40, center=False)
     mel = librosa.feature.melspectrogram(y=wav, sr=16000, n_fft=400, hop_length=320, n_mels=40, center=False)
@@ -162,7 +160,7 @@ def test_mfcc_frames_align_with_a_320x_conv_front_end():
         assert frames == (samples - 400) // 320 + 1
 
 
-def test_deltas_match_librosa():
+def test_deltas_match_librosa(librosa):
     features = torch.from_numpy(np.random.default_rng(0).standard_normal((13, 50)).astype(np.float32))
     reference = librosa.feature.delta(features.numpy(), width=9, mode="nearest")
     torch.testing.assert_close(deltas(features), torch.from_numpy(reference), atol=1e-5, rtol=1e-4)

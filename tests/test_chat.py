@@ -12,7 +12,6 @@ import soundfile as sf
 import torch
 
 from speechgpt_min.pipeline import SpeechGPT
-from test_pipeline import make_run
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("chat", ROOT / "chat.py")  # a script, not a package module
@@ -21,8 +20,8 @@ _spec.loader.exec_module(chat)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("run"))[0]
+def run(tiny_run):
+    return tiny_run.directory
 
 
 def start(*args, cwd):

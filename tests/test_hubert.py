@@ -1,4 +1,5 @@
-"""HuBERT encoder: parity with transformers' HubertModel, checkpoint formats, pretraining, framing."""
+"""HuBERT encoder: parity with transformers' HubertModel, checkpoint formats, pretraining, framing, and the
+whole recipe (train_unit_encoder)."""
 import json
 
 import pytest
@@ -7,16 +8,16 @@ from safetensors.torch import load_file, save_file
 
 from speechgpt_min.audio import mfcc
 from speechgpt_min.hubert import HuBERT, HubertConfig, extract_features, frame_lengths
-from speechgpt_min.hubert_training import mfcc_features, pretrain, span_mask
+from speechgpt_min.hubert_training import mfcc_features, pretrain, span_mask, train_unit_encoder
+from speechgpt_min.units import speech_to_units
 
-transformers = pytest.importorskip("transformers")
 
 SMALL = dict(conv_dim=(16, 16, 24, 24, 24, 32, 32), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
              intermediate_size=48, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
+def hf_dir(tmp_path_factory, transformers):
     """A random-init transformers HubertModel saved as config.json + model.safetensors."""
     torch.manual_seed(0)
     model = transformers.HubertModel(transformers.HubertConfig(**SMALL)).eval()
@@ -69,7 +70,7 @@ def test_padded_batch_with_attention_mask_matches_hf_where_norm_is_unaffected(hf
         torch.testing.assert_close(a[0], b[0], rtol=1e-4, atol=1e-4)
 
 
-def test_legacy_weight_g_weight_v_layout(hf_dir, tmp_path):
+def test_legacy_weight_g_weight_v_layout(hf_dir, tmp_path, transformers):
     directory, hf = hf_dir
     tensors = load_file(str(directory / "model.safetensors"))
     prefix = "encoder.pos_conv_embed.conv."
@@ -130,6 +131,10 @@ def test_presets():
     assert HubertConfig.from_preset("toy").downsampling == 320
     with pytest.raises(ValueError, match="hubert-base, toy"):
         HubertConfig.from_preset("hubert-large")
+    with pytest.raises(ValueError, match="not divisible"):  # checked after the overrides
+        HubertConfig.from_preset("toy", hidden_size=190)
+    with pytest.raises(ValueError, match="unknown HubertConfig field"):
+        HubertConfig.from_preset("toy", layers=2)
 
 
 def test_frame_counts_mfcc_equals_conv():
@@ -170,3 +175,19 @@ def test_pretraining_lowers_masked_prediction_loss():
     assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10 and sum(losses[-10:]) / 10 < 1.2
     with pytest.raises(ValueError, match="utterance 0: 3 targets"):
         pretrain(model, wavs[:1], [torch.zeros(3, dtype=torch.long)], steps=1, progress=False)
+
+
+@pytest.mark.parametrize("steps", [(2, 2), (3,)])  # both of HuBERT's iterations; one (the toy default)
+def test_train_unit_encoder(steps):
+    torch.manual_seed(0)
+    config = HubertConfig.from_preset("toy", conv_dim=(16,) * 7, hidden_size=16, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=32, num_conv_pos_embeddings=8,
+                                      num_conv_pos_embedding_groups=2, num_clusters=4, final_dim=8)
+    wavs = [torch.randn(n) for n in (8000, 9000, 10000)]
+    result = train_unit_encoder(wavs, config, n_units=4, steps=steps, target_layer=1, unit_layer=2,
+                                batch_size=2, max_frames=16, warm_start=True, progress=False)
+    assert [len(l) for l in result["losses"]] == list(steps) and result["layer"] == 2
+    assert result["kmeans"].n_clusters == 4
+    assert (result["encoder"] is result["iteration1"]) == (len(steps) == 1)  # the last iteration's encoder
+    units = speech_to_units(wavs, result["encoder"], result["layer"], result["kmeans"])
+    assert [len(u) for u in units] == [24, 27, 31]  # (T - 400) // 320 + 1

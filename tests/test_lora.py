@@ -40,6 +40,11 @@ def test_config_presets():
     assert cfg == LoRAConfig() and cfg.scaling == 2.0
     with pytest.raises(ValueError, match="valid presets: speechgpt"):
         LoRAConfig.from_preset("speech")
+    assert LoRAConfig.from_preset("toy", r=4).r == 4
+    with pytest.raises(ValueError, match="rank"):  # checked after the overrides
+        LoRAConfig.from_preset("toy", r=0)
+    with pytest.raises(ValueError, match=r"unknown LoRAConfig field\(s\) \['rank'\]; fields: r, alpha"):
+        LoRAConfig.from_preset("toy", rank=4)
     with pytest.raises(ValueError, match="rank"):
         LoRAConfig(r=0)
 
@@ -194,9 +199,8 @@ def test_load_refuses_unsupported_configs(tmp_path):
 # ----------------------------------------------------------------------------- against the peft library
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
+def hf_dir(tmp_path_factory, transformers):
     """A tiny random transformers LlamaForCausalLM saved to disk, the same shape as CFG."""
-    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     hf_config = transformers.LlamaConfig(
         vocab_size=CFG.vocab_size, hidden_size=CFG.dim, intermediate_size=CFG.ffn_dim,
@@ -217,8 +221,7 @@ def our_model(hf_dir):
     return load_pretrained(hf_dir).eval()
 
 
-def test_loads_adapter_saved_by_peft(hf_dir, tmp_path, ids):
-    peft = pytest.importorskip("peft")
+def test_loads_adapter_saved_by_peft(hf_dir, tmp_path, ids, peft):
     peft_model = peft.get_peft_model(hf_model(hf_dir), peft.LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     with torch.no_grad():  # training-like adapter: B (zero at init) and A random
@@ -242,8 +245,7 @@ def test_loads_adapter_saved_by_peft(hf_dir, tmp_path, ids):
     torch.testing.assert_close(plain_hf(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_peft_loads_adapter_saved_by_us(hf_dir, tmp_path, ids):
-    peft = pytest.importorskip("peft")
+def test_peft_loads_adapter_saved_by_us(hf_dir, tmp_path, ids, peft):
     ours = inject(our_model(hf_dir), LoRAConfig.from_preset("speechgpt"))
     randomize_lora(ours)
     save_adapter(ours, tmp_path, LoRAConfig.from_preset("speechgpt"), base_model_name_or_path=str(hf_dir))

@@ -4,11 +4,10 @@ import torch
 
 from speechgpt_min.model import IGNORE_INDEX, LM_PRESETS, KVCache, LMConfig, Transformer, sample
 
-transformers = pytest.importorskip("transformers")
-
 
 def hf_pair(n_heads=4, n_kv_heads=4, tie=False, theta=1e4, vocab=97, seed=0):
     """A random transformers LlamaForCausalLM and our Transformer holding the same weights."""
+    transformers = pytest.importorskip("transformers")
     cfg = LMConfig(vocab_size=vocab, dim=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, ffn_dim=96,
                    max_seq_len=128, norm_eps=1e-6, rope_theta=theta, tie_embeddings=tie)
     hf_cfg = transformers.LlamaConfig(
@@ -115,6 +114,10 @@ def test_presets_sizes_and_unknown_name():
         LMConfig.from_preset("toy-")  # exact names only
     for name in LM_PRESETS:
         assert name in str(err.value)
+    with pytest.raises(ValueError, match="not divisible"):  # checked after the overrides
+        LMConfig.from_preset("toy", dim=250)
+    with pytest.raises(ValueError, match=r"unknown LMConfig field\(s\) \['width'\]"):
+        LMConfig.from_preset("toy", width=3)
     with pytest.raises(ValueError, match="n_kv_heads"):
         LMConfig(dim=64, n_heads=4, n_kv_heads=3)
 

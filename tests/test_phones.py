@@ -82,3 +82,14 @@ def test_training_learns_a_phone_inventory_and_round_trips(tmp_path):
 def test_config_rejects_duplicate_phones():
     with pytest.raises(ValueError, match="duplicates"):
         PhoneRecognizerConfig(phones=["a", "b", "a"])
+
+
+def test_config_presets():
+    assert PhoneRecognizerConfig.from_preset("toy") == PhoneRecognizerConfig()
+    assert PhoneRecognizerConfig.from_preset("toy", channels=32).channels == 32
+    with pytest.raises(ValueError, match="duplicates"):  # checked after the overrides
+        PhoneRecognizerConfig.from_preset("toy", phones=["a", "a"])
+    with pytest.raises(ValueError, match="valid presets: toy"):
+        PhoneRecognizerConfig.from_preset("big")
+    with pytest.raises(ValueError, match="unknown PhoneRecognizerConfig field"):
+        PhoneRecognizerConfig.from_preset("toy", width=8)

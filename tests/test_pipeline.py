@@ -2,17 +2,22 @@
 whole SpeechGPT assembled from a tiny random run directory and from released-format parts."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from speechgpt_min.data import asr_dialogue, chain_dialogue, tts_dialogue
-from speechgpt_min.pipeline import Response, parse_response
+import speechgpt_min.evaluate as evaluate
+from speechgpt_min.audio import SAMPLE_RATE
+from speechgpt_min.data import (ASR_INSTRUCTIONS, CHAIN_TEMPLATE, SYSTEM_PROMPT, asr_dialogue, chain_dialogue,
+                                encode_dialogue, encode_prompt, speech_text, tts_dialogue)
+from speechgpt_min.evaluate import evaluate_asr, evaluate_chain, evaluate_tts, speech_whisper_wer
+from speechgpt_min.lora import LoRAConfig, inject, lora_layers, save_adapter
+from speechgpt_min.pipeline import ChatResult, PipelineError, Response, SpeechGPT, parse_response
+from speechgpt_min.vocoder import UnitVocoder, VocoderConfig
 
-K = 20  # units of the tiny fixtures
+K = 20  # units of the parsing tests
 
 # ----------------------------------------------------------------------------- parse_response
 
@@ -95,60 +100,11 @@ def test_valid_responses_round_trip(variant, question, answer, q_units, a_units)
     assert r.answer_units == (a_units if variant in ("s2s", "t2s", "tts") else [])
 
 
-# ----------------------------------------------------------------------------- a tiny run directory
-
-from speechgpt_min.audio import SAMPLE_RATE  # noqa: E402
-from speechgpt_min.data import (ASR_INSTRUCTIONS, CHAIN_TEMPLATE, SYSTEM_PROMPT, TTS_INSTRUCTIONS,  # noqa: E402
-                                encode_dialogue, encode_prompt, speech_text)
-from speechgpt_min.hubert import HuBERT, HubertConfig  # noqa: E402
-from speechgpt_min.lora import LoRAConfig, inject, lora_layers, save_adapter  # noqa: E402
-from speechgpt_min.model import LMConfig, Transformer  # noqa: E402
-import speechgpt_min.evaluate as evaluate  # noqa: E402
-from speechgpt_min.evaluate import evaluate_asr, evaluate_chain, evaluate_tts, speech_whisper_wer  # noqa: E402
-from speechgpt_min.mel_vocoder import MelVocoder, MelVocoderConfig  # noqa: E402
-from speechgpt_min.pipeline import ChatResult, PipelineError, SpeechGPT  # noqa: E402
-from speechgpt_min.tokenizer import Tokenizer  # noqa: E402
-from speechgpt_min.units import KMeans  # noqa: E402
-from speechgpt_min.vocoder import UnitVocoder, VocoderConfig  # noqa: E402
-from speechgpt_min.weights import save_pretrained  # noqa: E402
-
-TINY_HUBERT = dict(conv_dim=(16,) * 7, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                   intermediate_size=48, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, num_clusters=0)
-TEXTS = [SYSTEM_PROMPT, *ASR_INSTRUCTIONS, *TTS_INSTRUCTIONS, "what is two plus two", "two plus two is four",
-         "[Human]: [SpeechGPT]: [ta] [ua] <eoa>. This is input:"]
-
-
-def make_run(directory, seed=0):
-    """A run directory as train.py writes it, every part tiny and randomly initialised."""
-    torch.manual_seed(seed)
-    run = Path(directory)
-    HuBERT(HubertConfig(**TINY_HUBERT)).save_pretrained(run / "hubert")
-    (run / "hubert" / "unit_layer.json").write_text(json.dumps({"layer": 2}))
-    KMeans(torch.randn(K, 32)).save_pretrained(run / "kmeans")
-    tokenizer = Tokenizer.train(TEXTS, n_units=K, min_count=1)
-    tokenizer.save_pretrained(run / "tokenizer")
-    lm = Transformer(LMConfig(vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=2, max_seq_len=1024))
-    save_pretrained(lm, run / "stage2" / "model", bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
-    tokenizer.save_pretrained(run / "stage2" / "model")
-    lora = LoRAConfig(r=2, alpha=4, dropout=0.0)
-    inject(lm, lora)
-    for layer in lora_layers(lm).values():
-        torch.nn.init.normal_(layer.lora_B.weight, std=0.5)  # a non-zero update, so loading it shows
-    save_adapter(lm, run / "stage3" / "adapter", lora)
-    MelVocoder(MelVocoderConfig(num_embeddings=K, channels=8, encoder_layers=1, decoder_dilations=(1,),
-                                dur_hidden_dim=8)).save_pretrained(run / "vocoder")  # the kind train.py trains
-    (run / "report.json").write_text("{}\n")
-    return run, lm
-
+# ----------------------------------------------------------------------------- a tiny run directory (conftest.py)
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return make_run(tmp_path_factory.mktemp("run"))
-
-
-@pytest.fixture(scope="module")
-def sgpt(run):
-    return SpeechGPT.from_run(run[0], device="cpu")
+def sgpt(tiny_run):
+    return SpeechGPT.from_run(tiny_run.directory, device="cpu")
 
 
 def noise(seconds=1.0, sr=SAMPLE_RATE, channels=None, seed=0):
@@ -157,10 +113,10 @@ def noise(seconds=1.0, sr=SAMPLE_RATE, channels=None, seed=0):
     return 0.1 * torch.randn(shape, generator=g)
 
 
-def test_from_run_assembles_every_part_and_merges_the_adapter(run, sgpt):
-    directory, trained = run
-    assert sgpt.encoder is not None and sgpt.layer == 2 and sgpt.kmeans.n_clusters == K
-    assert sgpt.vocoder is not None and sgpt.tokenizer.n_units == K
+def test_from_run_assembles_every_part_and_merges_the_adapter(tiny_run, sgpt):
+    directory, trained = tiny_run.directory, tiny_run.lm
+    assert sgpt.encoder is not None and sgpt.layer == 2 and sgpt.kmeans.n_clusters == tiny_run.n_units
+    assert sgpt.vocoder is not None and sgpt.tokenizer.n_units == tiny_run.n_units
     assert sgpt.prompts.chain == CHAIN_TEMPLATE
     layer = lora_layers(trained)["layers.0.self_attn.q_proj"]
     merged = layer.weight + layer.delta_weight()  # stage 2 weight + the stage 3 update
@@ -188,9 +144,10 @@ def test_chat_runs_every_task(sgpt, task, inputs):
     out = sgpt.chat(task=task, max_new_tokens=24, seed=0, **kwargs[inputs])
     assert isinstance(out, ChatResult) and out.task == task
     assert isinstance(out.response.text, str) and isinstance(out.answer_units, list)
-    assert all(isinstance(u, int) and 0 <= u < K for u in out.answer_units)
+    n_units = sgpt.tokenizer.n_units
+    assert all(isinstance(u, int) and 0 <= u < n_units for u in out.answer_units)
     if inputs != "text":
-        assert out.question_units and all(0 <= u < K for u in out.question_units)
+        assert out.question_units and all(0 <= u < n_units for u in out.question_units)
         assert speech_text(out.question_units) in out.prompt
     if out.answer_units:
         assert out.waveform.dim() == 1 and out.waveform.dtype == torch.float32 and out.sample_rate == SAMPLE_RATE
@@ -204,7 +161,7 @@ def test_speech_in_at_any_rate_and_channels(sgpt, tmp_path):
     path = tmp_path / "stereo.wav"
     sf.write(str(path), noise(1.0, sr=22050, channels=2).numpy(), 22050)
     units = sgpt.speech_to_units(path)
-    assert units and all(0 <= u < K for u in units)
+    assert units and all(0 <= u < sgpt.tokenizer.n_units for u in units)
     assert all(a != b for a, b in zip(units, units[1:]))  # repeats merged
     assert sgpt.speech_to_units(noise(1.0, sr=8000), sr=8000)  # samples at another rate
 
@@ -291,7 +248,7 @@ def test_speaking_chain_is_heard_by_whisper_where_installed(sgpt, monkeypatch):
     assert len(heard) == 1 and heard[0].dim() == 1 and len(heard[0]) >= 3 * 320  # one waveform, 3 units long
 
 
-def test_user_errors_name_the_problem(sgpt, run, tmp_path):
+def test_user_errors_name_the_problem(sgpt, tiny_run, tmp_path):
     with pytest.raises(PipelineError, match="python train.py"):
         SpeechGPT.from_run(tmp_path / "nope")
     with pytest.raises(PipelineError, match="stage2/model"):
@@ -302,50 +259,42 @@ def test_user_errors_name_the_problem(sgpt, run, tmp_path):
         sgpt.chat(units=[1], text="hi")
     with pytest.raises(PipelineError, match="unknown task"):
         sgpt.chat(text="hi", task="translate")
-    with pytest.raises(PipelineError, match="0..19"):
-        sgpt.chat(units=[K], task="asr")
+    with pytest.raises(PipelineError, match=f"0..{tiny_run.n_units - 1}"):
+        sgpt.chat(units=[tiny_run.n_units], task="asr")
     with pytest.raises(PipelineError, match="context"):
         sgpt.generate("word " * 2000)
-    wrong = run[0].parent / "wrong_vocoder"
-    UnitVocoder(VocoderConfig(num_embeddings=K + 1, embedding_dim=8, upsample_initial_channel=32,
+    wrong = tmp_path / "wrong_vocoder"
+    UnitVocoder(VocoderConfig(num_embeddings=tiny_run.n_units + 1, embedding_dim=8, upsample_initial_channel=32,
                               dur_hidden_dim=8)).save_pretrained(wrong)
-    with pytest.raises(PipelineError, match="vocoder speaks 21 units"):
-        SpeechGPT.from_parts(run[0] / "stage2" / "model", vocoder_path=wrong, device="cpu")
+    with pytest.raises(PipelineError, match=f"vocoder speaks {tiny_run.n_units + 1} units"):
+        SpeechGPT.from_parts(tiny_run.directory / "stage2" / "model", vocoder_path=wrong, device="cpu")
 
 
 # ----------------------------------------------------------------------------- released-format parts
 
 RELEASED_K = 50  # the reference vocoder's num_embeddings
-REFERENCE = Path(__file__).resolve().parent / "reference" / "unit_hifigan"  # the released vocoder's files
 
 
 @pytest.fixture(scope="module")
-def released(tmp_path_factory):
+def released(tmp_path_factory, tiny_run, unit_hifigan_reference, transformers, sentencepiece_model):
     """A miniature of the released artifacts, each in its own file format: an HF LLaMA directory
     (pytorch_model.bin, SentencePiece tokenizer.model, added_tokens.json), a PEFT adapter
     (adapter_model.bin), an HF HubertModel directory, a joblib scikit-learn k-means, and a
     {"generator": state_dict} vocoder checkpoint with its config.json."""
-    transformers = pytest.importorskip("transformers")
-    spm = pytest.importorskip("sentencepiece")
-    import io
-
     import joblib
     import numpy as np
     from sklearn.cluster import KMeans as SKLearnKMeans
 
-    from speechgpt_min.tokenizer import SPECIAL_TOKENS
+    from speechgpt_min.tokenizer import SPECIAL_TOKENS, SentencePieceBackend
     from speechgpt_min.weights import load_pretrained
 
-    assert (REFERENCE / "g_tiny.pt").exists(), f"the reference vocoder checkpoint is missing from {REFERENCE}"
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("released")
     lm_dir, adapter_dir, hubert_dir, vocoder_dir = (root / n for n in ("cm", "com", "mhubert", "vocoder"))
     lm_dir.mkdir()
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS * 5), model_writer=model, vocab_size=400,
-                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, minloglevel=2)
-    (lm_dir / "tokenizer.model").write_bytes(model.getvalue())
-    base = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()  # LLaMA: 32000
+    model = sentencepiece_model(tiny_run.texts * 5, vocab_size=400)
+    (lm_dir / "tokenizer.model").write_bytes(model)
+    base = SentencePieceBackend(model).vocab_size  # LLaMA: 32000
     added = [f"<{u}>" for u in range(RELEASED_K)] + list(SPECIAL_TOKENS)
     (lm_dir / "added_tokens.json").write_text(json.dumps({t: base + i for i, t in enumerate(added)}))
     config = transformers.LlamaConfig(vocab_size=base + len(added), hidden_size=32, intermediate_size=64,
@@ -372,8 +321,8 @@ def released(tmp_path_factory):
     km = SKLearnKMeans(n_clusters=RELEASED_K, n_init=1, random_state=0).fit(np.random.default_rng(0).normal(size=(400, 32)))
     joblib.dump(km, root / "km50.bin")
     vocoder_dir.mkdir()
-    shutil.copy(REFERENCE / "tiny_config.json", vocoder_dir / "config.json")
-    shutil.copy(REFERENCE / "g_tiny.pt", vocoder_dir / "g_tiny.pt")
+    shutil.copy(unit_hifigan_reference / "tiny_config.json", vocoder_dir / "config.json")
+    shutil.copy(unit_hifigan_reference / "g_tiny.pt", vocoder_dir / "g_tiny.pt")
     sgpt = SpeechGPT.from_parts(lm_dir, adapter_dir, hubert_dir, 2, root / "km50.bin", vocoder_dir / "g_tiny.pt",
                                 device="cpu")
     return sgpt, hf

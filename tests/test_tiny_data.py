@@ -3,14 +3,12 @@ disjoint, and what the test splits hold out (sentences, phrasings of facts, comm
 combinations, facts only the text corpus states, one whole voice) really is absent from training."""
 import json
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 import soundfile as sf
 
 from speechgpt_min.data import SPLITS
 
-TINY = Path(__file__).resolve().parents[1] / "tiny_data"
 HELD_OUT_VOICE = "fest_ked"
 ANSWER_VOICE = "fest_kal"
 
@@ -20,23 +18,23 @@ def read_jsonl(path):
 
 
 @pytest.fixture(scope="module")
-def manifest():
-    return read_jsonl(TINY / "manifest.jsonl")
+def manifest(tiny_data):
+    return read_jsonl(tiny_data / "manifest.jsonl")
 
 
 @pytest.fixture(scope="module")
-def qa():
-    return read_jsonl(TINY / "qa.jsonl")
+def qa(tiny_data):
+    return read_jsonl(tiny_data / "qa.jsonl")
 
 
 @pytest.fixture(scope="module")
-def facts():
-    return read_jsonl(TINY / "facts.jsonl")
+def facts(tiny_data):
+    return read_jsonl(tiny_data / "facts.jsonl")
 
 
 @pytest.fixture(scope="module")
-def text_corpus():
-    return (TINY / "text_corpus.txt").read_text().splitlines()
+def text_corpus(tiny_data):
+    return (tiny_data / "text_corpus.txt").read_text().splitlines()
 
 
 @pytest.fixture(scope="module")
@@ -53,25 +51,25 @@ def test_manifest_fields_and_unique_ids(manifest, by_id):
     assert len(by_id) == len(manifest)
 
 
-def test_every_audio_file_exists_with_its_duration(manifest):
+def test_every_audio_file_exists_with_its_duration(manifest, tiny_data):
     for row in manifest:
-        info = sf.info(str(TINY / row["audio"]))
+        info = sf.info(str(tiny_data / row["audio"]))
         assert info.samplerate == 16000 and info.channels == 1 and info.subtype == "OPUS", row["id"]
         assert abs(info.duration - row["duration"]) < 0.01, row["id"]
 
 
-def test_alignments_exist_and_span_the_audio(manifest):
+def test_alignments_exist_and_span_the_audio(manifest, tiny_data):
     aligned = [row for row in manifest if row["alignment"]]
     assert aligned
     for row in aligned:
-        lines = (TINY / row["alignment"]).read_text().splitlines()
+        lines = (tiny_data / row["alignment"]).read_text().splitlines()
         body = lines[lines.index("#") + 1:]
         ends = [float(line.split()[0]) for line in body]
         assert ends == sorted(ends) and all(len(line.split()) == 3 for line in body), row["id"]
         assert abs(ends[-1] - row["duration"]) < 0.05, row["id"]
 
 
-def test_corpus_size_voices_and_alignments(manifest):
+def test_corpus_size_voices_and_alignments(manifest, tiny_data):
     hours = sum(row["duration"] for row in manifest) / 3600
     assert hours >= 3
     voices = {row["voice"] for row in manifest}
@@ -80,7 +78,7 @@ def test_corpus_size_voices_and_alignments(manifest):
     assert len(aligned_voices) >= 4 and HELD_OUT_VOICE in aligned_voices
     distinct_train = {row["text"] for row in manifest if row["split"] == "train" and row["kind"] == "sent"}
     assert len(distinct_train) >= 2000
-    megabytes = sum(path.stat().st_size for path in TINY.rglob("*") if path.is_file()) / 2**20
+    megabytes = sum(path.stat().st_size for path in tiny_data.rglob("*") if path.is_file()) / 2**20
     assert megabytes <= 40
 
 

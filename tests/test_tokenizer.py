@@ -1,6 +1,5 @@
 """Tokenizer: exact round trips over each backend, SpeechGPT's added-token layout, added_tokens.json,
 and id agreement with transformers' tokenizers on the same files."""
-import io
 import json
 
 import pytest
@@ -25,17 +24,6 @@ MIXED = [
 ]
 
 
-def sentencepiece_model_bytes():
-    """A tiny LLaMA-like SentencePiece model: BPE, byte fallback, no normalization, dummy prefix."""
-    spm = pytest.importorskip("sentencepiece")
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS), model_writer=buf, vocab_size=330, model_type="bpe",
-        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, split_digits=True, character_coverage=1.0, minloglevel=2)
-    return buf.getvalue()
-
-
 def hf_tokenizer_json(path):
     """A tiny byte-level BPE tokenizer.json (GPT-2 / SmolLM2 style) with <|endoftext|> as id 0."""
     tk = pytest.importorskip("tokenizers")
@@ -49,9 +37,12 @@ def hf_tokenizer_json(path):
 
 
 @pytest.fixture(scope="module")
-def sp_dir(tmp_path_factory):
+def sp_dir(tmp_path_factory, sentencepiece_model):
+    """A tiny LLaMA-like SentencePiece model: BPE, byte fallback, no normalization, dummy prefix."""
     d = tmp_path_factory.mktemp("sp")
-    (d / "tokenizer.model").write_bytes(sentencepiece_model_bytes())
+    (d / "tokenizer.model").write_bytes(sentencepiece_model(
+        CORPUS, vocab_size=330, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, split_digits=True))
     return d
 
 
@@ -241,7 +232,6 @@ def test_conflicting_added_tokens_json(sp_dir, tmp_path, table, n_units, message
 
 def hf_slow_llama_tokenizer(sp_dir):
     """transformers' slow, legacy SentencePiece LLaMA tokenizer (the one SpeechGPT was built with)."""
-    pytest.importorskip("transformers")
     try:  # transformers 5.x
         from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
         return SentencePieceBackend(vocab_file=str(sp_dir / "tokenizer.model"), legacy=True,
@@ -251,7 +241,7 @@ def hf_slow_llama_tokenizer(sp_dir):
         return LlamaTokenizer(vocab_file=str(sp_dir / "tokenizer.model"), legacy=True)
 
 
-def test_matches_transformers_slow_llama_tokenizer(tokenizers, sp_dir):
+def test_matches_transformers_slow_llama_tokenizer(tokenizers, sp_dir, transformers):
     ref = hf_slow_llama_tokenizer(sp_dir)
     ref.add_tokens(SPEECHGPT_TOKENS)
     tok = tokenizers["sentencepiece"]
@@ -261,10 +251,9 @@ def test_matches_transformers_slow_llama_tokenizer(tokenizers, sp_dir):
         assert ref(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
 
 
-def test_matches_transformers_fast_llama_tokenizer(tokenizers, sp_dir):
+def test_matches_transformers_fast_llama_tokenizer(tokenizers, sp_dir, transformers):
     """The fast LlamaTokenizer converted from tokenizer.model: no dummy prefix after an added token,
     so compare texts whose text pieces all start the string or follow nothing special."""
-    transformers = pytest.importorskip("transformers")
     pytest.importorskip("google.protobuf")  # needed to convert tokenizer.model
     ref = transformers.LlamaTokenizer.from_pretrained(sp_dir)
     ref.add_tokens(SPEECHGPT_TOKENS)
@@ -274,8 +263,7 @@ def test_matches_transformers_fast_llama_tokenizer(tokenizers, sp_dir):
         assert [ref.bos_token_id] + ref(text, add_special_tokens=False)["input_ids"] == tok.encode(text, bos=True)
 
 
-def test_matches_transformers_fast_tokenizer(tokenizers, hf_dir, tmp_path):
-    transformers = pytest.importorskip("transformers")
+def test_matches_transformers_fast_tokenizer(tokenizers, hf_dir, tmp_path, transformers):
     ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"))
     ref.add_tokens(SPEECHGPT_TOKENS)
     tok = tokenizers["hf"]

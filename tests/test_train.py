@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "tiny_data"
 REPORT_KEYS = ["units.pnmi", "units.phone_accuracy", "units.cross_voice_same_text", "units.cross_voice_other_text",
                "stage0.val_loss", "stage0.fact_accuracy", "stage0.typed_accuracy", "stage1.val_loss", "stage1.unigram_val_loss",
                "stage2.asr_wer", "stage2.asr_cer", "stage2.tts_unit_edit_distance", "stage3.transcript_wer",
@@ -23,11 +22,11 @@ def run_train(*args):
                           capture_output=True, text=True, timeout=900)
 
 
-def slice_corpus(out):
+def slice_corpus(out, tiny_data):
     """A slice of tiny_data in `out`: a few sentences of every split (the answer voice's too), a few
     question/answer pairs of every split, and the start of the text corpus."""
-    rows = [json.loads(line) for line in (TINY / "manifest.jsonl").read_text().splitlines()]
-    pairs = [json.loads(line) for line in (TINY / "qa.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tiny_data / "manifest.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (tiny_data / "qa.jsonl").read_text().splitlines()]
     chosen_pairs = [p for split, n in (("train", 6), ("valid", 2), ("test", 2), ("test_knowledge", 2))
                     for p in [p for p in pairs if p["split"] == split and p["question"]["audio"]][:n]]
     ids = {a for p in chosen_pairs for side in ("question", "answer") for a in p[side]["audio"]}
@@ -38,16 +37,16 @@ def slice_corpus(out):
         for key in ("audio", "alignment"):
             if row[key]:
                 (out / row[key]).parent.mkdir(parents=True, exist_ok=True)
-                (out / row[key]).write_bytes((TINY / row[key]).read_bytes())
+                (out / row[key]).write_bytes((tiny_data / row[key]).read_bytes())
     (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen_rows))
     (out / "qa.jsonl").write_text("".join(json.dumps(p) + "\n" for p in chosen_pairs))
-    (out / "text_corpus.txt").write_text("\n".join((TINY / "text_corpus.txt").read_text().splitlines()[:300]) + "\n")
+    (out / "text_corpus.txt").write_text("\n".join((tiny_data / "text_corpus.txt").read_text().splitlines()[:300]) + "\n")
     return out
 
 
 @pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory):
-    return slice_corpus(tmp_path_factory.mktemp("corpus"))
+def small_corpus(tmp_path_factory, tiny_data):
+    return slice_corpus(tmp_path_factory.mktemp("corpus"), tiny_data)
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +110,8 @@ def test_the_run_talks(smoke_run):
      "no utterances in split 'valid'"),
     (lambda d: (d / "text_corpus.txt").unlink(), "text_corpus.txt: no such file"),
 ])
-def test_bad_corpus_stops_before_any_training(tmp_path, breakage, message):
-    corpus = slice_corpus(tmp_path / "corpus")
+def test_bad_corpus_stops_before_any_training(tmp_path, breakage, message, tiny_data):
+    corpus = slice_corpus(tmp_path / "corpus", tiny_data)
     breakage(corpus)
     result = run_train("--preset", "smoke", "--data", corpus, "--out", tmp_path / "run")
     assert result.returncode != 0 and "Traceback" not in result.stderr

@@ -21,9 +21,11 @@ from speechgpt_min.data import (
 from speechgpt_min.lora import LoRAConfig, inject, lora_state_dict
 from speechgpt_min.model import IGNORE_INDEX, LMConfig, Transformer
 from speechgpt_min.tokenizer import Tokenizer
+from speechgpt_min.checkpoint import save_checkpoint
+from speechgpt_min.device import resolve_device
+from speechgpt_min.distributed import init_distributed
 from speechgpt_min.trainer import (
-    CHECKPOINT_FILE, METRICS_FILE, DataOrder, TrainConfig, init_distributed, keep_metrics_until, lr_at,
-    resolve_device, save_checkpoint, shared_prefix, train,
+    CHECKPOINT_FILE, METRICS_FILE, DataOrder, TrainConfig, keep_metrics_until, lr_at, shared_prefix, train,
 )
 
 WORDS = "the a frog cat dog sings sleeps runs red blue green big small one two three four".split()
@@ -97,8 +99,18 @@ def test_metrics_jsonl_and_schedule(tmp_path):
     assert lines == history and [r["step"] for r in lines] == list(range(1, 13))
     assert [r["step"] for r in lines if "val_loss" in r] == [5, 10, 12]
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in lines)
-    assert [r["lr"] for r in lines] == [lr_at(s, cfg) for s in range(12)]
-    assert lr_at(0, cfg) < lr_at(2, cfg) < lr_at(3, cfg) == pytest.approx(cfg.lr) and lr_at(11, cfg) == pytest.approx(cfg.min_lr)
+    lrs = [lr_at(s, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps) for s in range(12)]
+    assert [r["lr"] for r in lines] == lrs
+    assert lrs[0] < lrs[2] < lrs[3] == pytest.approx(cfg.lr) and lrs[11] == pytest.approx(cfg.min_lr)
+
+
+def test_the_one_schedule_warms_up_then_decays_along_a_cosine_or_a_line():
+    assert [lr_at(s, 5, 1.0, 0.0, warmup_steps=1) for s in range(5)] == pytest.approx([0.5, 1.0, 0.75, 0.25, 0.0])
+    assert [lr_at(s, 5, 1.0, 0.0, warmup_steps=1, decay="linear") for s in range(5)] == pytest.approx(
+        [0.5, 1.0, 2 / 3, 1 / 3, 0.0])
+    assert [lr_at(s, 3, 0.1, min_lr=0.1) for s in range(3)] == [0.1, 0.1, 0.1]  # constant
+    with pytest.raises(ValueError, match="valid: cosine, linear"):
+        lr_at(0, 3, 0.1, decay="step")
 
 
 def test_data_order_is_a_seeded_permutation_per_epoch():

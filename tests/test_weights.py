@@ -11,12 +11,12 @@ from speechgpt_min.model import LMConfig, Transformer
 from speechgpt_min.weights import (HF_NAMES, META_NAMES, WeightsError, config_from_hf, expand_vocab,
                                    load_pretrained, meta_to_hf_qk, read_safetensors, save_pretrained, source_names)
 
-transformers = pytest.importorskip("transformers")
 
 IDS = torch.randint(0, 89, (2, 11), generator=torch.Generator().manual_seed(0))
 
 
 def random_hf(tie=False, n_kv_heads=2, theta=1e4, seed=0):
+    transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
         vocab_size=89, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=n_kv_heads, max_position_embeddings=64, rms_norm_eps=1e-5,
@@ -85,7 +85,7 @@ def test_dtype_choice(tmp_path):
     assert ours(IDS).dtype == torch.bfloat16
 
 
-def test_export_round_trip_opens_in_transformers(tmp_path):
+def test_export_round_trip_opens_in_transformers(tmp_path, transformers):
     cfg = LMConfig(vocab_size=89, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=80, max_seq_len=64,
                    rope_theta=1e5, tie_embeddings=False)
     torch.manual_seed(1)
@@ -262,7 +262,7 @@ def test_load_meta_checkpoint(tmp_path):
 # ----------------------------------------------------------------------------- vocabulary expansion
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_expand_vocab_keeps_old_logits(tmp_path, tie):
+def test_expand_vocab_keeps_old_logits(tmp_path, tie, transformers):
     hf = random_hf(tie=tie)
     hf.save_pretrained(tmp_path)
     ours = load_pretrained(tmp_path).eval()
@@ -311,7 +311,7 @@ def smollm2_dir(tmp_path_factory):
     return script.convert(script.find_gguf(), tmp_path_factory.mktemp("smollm2"))
 
 
-def test_smollm2_matches_transformers_and_knows_paris(smollm2_dir):
+def test_smollm2_matches_transformers_and_knows_paris(smollm2_dir, transformers):
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     ours = load_pretrained(smollm2_dir).eval()
     hf = transformers.LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
