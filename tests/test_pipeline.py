@@ -266,7 +266,7 @@ def test_evaluation_scores_a_perfect_and_a_random_model(sgpt, monkeypatch):
         answers[sgpt.prompt("tts", text=text)] = tts_dialogue(text, units).response
     for q_units, q, a, a_units in chain:
         answers[sgpt.prompt("dialogue", q_units)] = chain_dialogue("s2s", q, a, q_units, a_units).response
-    monkeypatch.setattr(sgpt, "generate", lambda prompt, *args: answers[prompt])
+    monkeypatch.setattr(sgpt, "generate_batch", lambda prompts, *args: [answers[p] for p in prompts])
     assert evaluate_asr(sgpt, asr, progress=False) == {"wer": 0.0, "cer": 0.0, "n": 2}
     assert evaluate_tts(sgpt, tts, progress=False) == {"unit_edit_distance": 0.0, "n": 2, "answer_units": [[1, 2, 3], [9]]}
     assert evaluate_chain(sgpt, chain, progress=False) == {
@@ -348,6 +348,28 @@ def test_chat_batch_rows_end_at_stop_ids_and_at_the_context(varied, monkeypatch)
     cut = _one_by_one(varied, inputs, "dialogue", 16)
     assert {c == a for c, a in zip(_texts(cut), _texts(alone))} == {True, False}
     assert varied.chat_batch(inputs, "dialogue", 16) == cut
+
+
+def test_batched_evaluation_equals_one_at_a_time(varied, monkeypatch):
+    asr = [(units, "two plus two") for units in ([4, 5, 6, 7, 8], [1], [9, 3, 3], [2, 8, 1, 1, 4, 5, 6], [7, 7], [3])]
+    tts = [(text, [1, 2]) for text in ("two plus two is four", "four", "what is two", "two", "plus two", "what")]
+    chain = [(units, "what is two plus two", "four", [7, 8]) for units, _ in asr]
+    typed = [(text, "four") for text, _ in tts]
+    monkeypatch.setattr(evaluate, "word_error_rate", lambda refs, hyps: list(hyps))  # the hypotheses themselves
+    monkeypatch.setattr(evaluate, "exact_match_accuracy", lambda refs, hyps: list(hyps))
+
+    def scores(batch_size):
+        return (evaluate_asr(varied, asr, 12, False, batch_size), evaluate_tts(varied, tts, 12, False, batch_size),
+                evaluate_chain(varied, chain, 12, False, batch_size=batch_size),
+                evaluate.evaluate_text_questions(varied, typed, 12, False, batch_size))
+
+    one_at_a_time = scores(1)
+    assert scores(4) == one_at_a_time  # a batch of 4 and one of 2, inputs of many lengths
+    alone = _one_by_one(varied, [dict(units=units) for units, _ in asr], "asr", 12)
+    assert one_at_a_time[0]["wer"] == [r.transcript for r in alone]  # in the items' order
+    assert len(set(one_at_a_time[0]["wer"])) == len(asr) and len(set(one_at_a_time[3])) > 1  # answers differ
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate_asr(varied, asr, 12, False, batch_size=0)
 
 
 def test_speaking_chain_is_heard_by_whisper_where_installed(sgpt, monkeypatch):
