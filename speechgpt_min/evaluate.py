@@ -14,8 +14,8 @@
     speech_whisper_wer(sgpt, unit_lists, texts)                 # the whole speaking chain (TTS, spoken answers)
 
 The evaluation functions take a pipeline.SpeechGPT and decode greedily (temperature 0), so a run's
-numbers are reproducible; batch_size prompts at a time (SpeechGPT.chat_batch), which gives what one
-at a time gives, several times faster.
+numbers are reproducible. They decode batch_size prompts at a time (SpeechGPT.chat_batch): the texts
+of one at a time (up to float rounding; scripts/bench_eval.py compares them), several times faster.
 """
 import random
 import re

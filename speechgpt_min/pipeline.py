@@ -145,6 +145,33 @@ def parse_response(text, n_units=None):
     return Response(text, transcript, answer, units, problems)
 
 
+class _ResponseSoFar:
+    """A response as it is generated, token by token: its tokens, its text, and whether it has ended."""
+
+    def __init__(self, tokenizer, stop_ids, stop_at=None):
+        self.tokenizer, self.stop_ids, self.stop_at = tokenizer, stop_ids, stop_at
+        self.tokens, self.text, self.done = [], "", False
+
+    def add(self, token):
+        """Take the next token, or end before it (returning False) at a stop id or an id the
+        tokenizer does not assign. At "<eoa>" or stop_at the response ends, its text cut just after."""
+        if token in self.stop_ids:
+            self.done = True
+            return False
+        try:  # the whole text again: pieces join with the right spaces
+            text = self.tokenizer.decode(self.tokens + [token])
+        except ValueError:  # an id the tokenizer does not assign (a padded embedding row): end here
+            self.done = True
+            return False
+        self.tokens.append(token)
+        for end in (END_OF_ANSWER, self.stop_at):
+            if end is not None and end in text:  # cut there: a token may run past it
+                text, self.done = text[:text.index(end) + len(end)], True
+                break
+        self.text = text
+        return True
+
+
 # ----------------------------------------------------------------------------- prompts
 
 @dataclass(frozen=True)
@@ -188,33 +215,6 @@ class ChatResult:
                 "question_units": self.question_units, "transcript": self.transcript,
                 "text_answer": self.text_answer, "answer_units": self.answer_units,
                 "complete": self.response.complete, "problems": self.response.problems}
-
-
-class _ResponseSoFar:
-    """A response as it is generated, token by token: its tokens, its text, and whether it has ended."""
-
-    def __init__(self, tokenizer, stop_ids, stop_at=None):
-        self.tokenizer, self.stop_ids, self.stop_at = tokenizer, stop_ids, stop_at
-        self.tokens, self.text, self.done = [], "", False
-
-    def add(self, token):
-        """Take the next token, or end before it (returning False) at a stop id or an id the
-        tokenizer does not assign. At "<eoa>" or stop_at the response ends, its text cut just after."""
-        if token in self.stop_ids:
-            self.done = True
-            return False
-        try:  # the whole text again: pieces join with the right spaces
-            text = self.tokenizer.decode(self.tokens + [token])
-        except ValueError:  # an id the tokenizer does not assign (a padded embedding row): end here
-            self.done = True
-            return False
-        self.tokens.append(token)
-        for end in (END_OF_ANSWER, self.stop_at):
-            if end is not None and end in text:  # cut there: a token may run past it
-                text, self.done = text[:text.index(end) + len(end)], True
-                break
-        self.text = text
-        return True
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -402,7 +402,8 @@ class SpeechGPT:
     def generate_batch(self, prompt_texts, max_new_tokens=2048, stop_at=None):
         """Greedy `generate` of many prompts together: the texts of
         [generate(p, max_new_tokens, temperature=0, stop_at=stop_at) for p in prompt_texts], from one
-        model call per token for the whole batch instead of one per prompt.
+        model call per token for the whole batch instead of one per prompt. (Up to float rounding:
+        batched, a near tie between two tokens could break the other way.)
 
         The prompts are left-padded to the longest (model.left_pad), each response ends as in
         `generate`, and the batch when they all have. The batch's cache holds the longest prompt plus
