@@ -8,12 +8,14 @@
     evenly_spaced(items, n)                                     # a test subset that spans every skill and voice
     evaluate_asr(sgpt, items), evaluate_tts(sgpt, items), evaluate_chain(sgpt, items)
     evaluate_text_questions(sgpt, items), fact_completion_accuracy(sgpt, statements)
+    chat_in_batches(sgpt, inputs, batch_size)                   # greedy chat of many inputs, batched
     whisper_transcribe(wavs)                                    # an independent recognizer, if installed
     evaluate_vocoder_speech(vocoder, items, texts)              # what a listener hears: WER, speed
     speech_whisper_wer(sgpt, unit_lists, texts)                 # the whole speaking chain (TTS, spoken answers)
 
 The evaluation functions take a pipeline.SpeechGPT and decode greedily (temperature 0), so a run's
-numbers are reproducible.
+numbers are reproducible. They decode batch_size prompts at a time (SpeechGPT.chat_batch): the texts
+of one at a time (up to float rounding; scripts/bench_eval.py compares them), several times faster.
 """
 import importlib.util
 import random
@@ -140,37 +142,57 @@ def _check_items(items, what):
     return items
 
 
-def evaluate_asr(sgpt, items, max_new_tokens=256, progress=True):
+def _input_size(given):
+    """How long an input to chat is: its units and characters (the prompt grows with both)."""
+    return len(given.get("units") or ()) + len(given.get("text") or "")
+
+
+def chat_in_batches(sgpt, inputs, batch_size=16, desc=None, progress=True, **chat_kwargs):
+    """sgpt.chat_batch(inputs, **chat_kwargs) in batches of batch_size, with a progress bar counting
+    inputs (dicts of chat's input arguments). Inputs of similar size share a batch (less padding);
+    the ChatResults come in the order of the inputs."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    order = sorted(range(len(inputs)), key=lambda i: _input_size(inputs[i]))
+    results = [None] * len(inputs)
+    with tqdm(total=len(inputs), desc=desc, disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            for i, result in zip(batch, sgpt.chat_batch([inputs[i] for i in batch], **chat_kwargs)):
+                results[i] = result
+            bar.update(len(batch))
+    return results
+
+
+def evaluate_asr(sgpt, items, max_new_tokens=256, progress=True, batch_size=16):
     """items: (units, reference text) pairs -> {"wer", "cer", "n"} of greedy ASR."""
-    items, refs, hyps = _check_items(items, "ASR"), [], []
-    for units, reference in tqdm(items, desc="eval ASR", disable=not progress):
-        hyps.append(sgpt.chat(units=units, task="asr", max_new_tokens=max_new_tokens, temperature=0,
-                              speak=False).transcript)
-        refs.append(reference)
+    items = _check_items(items, "ASR")
+    results = chat_in_batches(sgpt, [dict(units=units) for units, _ in items], batch_size, "eval ASR", progress,
+                              task="asr", max_new_tokens=max_new_tokens)
+    refs, hyps = [reference for _, reference in items], [r.transcript for r in results]
     return {"wer": word_error_rate(refs, hyps), "cer": char_error_rate(refs, hyps), "n": len(refs)}
 
 
-def evaluate_tts(sgpt, items, max_new_tokens=512, progress=True):
+def evaluate_tts(sgpt, items, max_new_tokens=512, progress=True, batch_size=16):
     """items: (text, reference units) pairs -> {"unit_edit_distance", "n", "answer_units"} of greedy TTS
     (answer_units: the generated unit list of each item, for speech_whisper_wer)."""
-    items, refs, hyps = _check_items(items, "TTS"), [], []
-    for text, units in tqdm(items, desc="eval TTS", disable=not progress):
-        hyps.append(sgpt.chat(text=text, task="tts", max_new_tokens=max_new_tokens, temperature=0,
-                              speak=False).answer_units)
-        refs.append(list(units))
+    items = _check_items(items, "TTS")
+    results = chat_in_batches(sgpt, [dict(text=text) for text, _ in items], batch_size, "eval TTS", progress,
+                              task="tts", max_new_tokens=max_new_tokens)
+    refs, hyps = [list(units) for _, units in items], [r.answer_units for r in results]
     return {"unit_edit_distance": unit_edit_distance(refs, hyps), "n": len(refs), "answer_units": hyps}
 
 
-def evaluate_chain(sgpt, items, max_new_tokens=768, progress=True, speech_answer=True):
+def evaluate_chain(sgpt, items, max_new_tokens=768, progress=True, speech_answer=True, batch_size=16):
     """items: (question units, question text, answer text, answer units) -> greedy spoken dialogue scores:
     transcript_wer, answer_accuracy (exact match of [ta]), speech_answer_unit_edit_distance,
     well_formed (share of responses that parse whole: transcript, text answer and speech answer), n,
     answer_units (each spoken answer's units).
     speech_answer=False stops each response at "[ua]" (faster): only transcript_wer, answer_accuracy, n."""
-    items, results = _check_items(items, "chain"), []
-    for q_units, _, _, _ in tqdm(items, desc="eval chain", disable=not progress):
-        results.append(sgpt.chat(units=q_units, task="dialogue", max_new_tokens=max_new_tokens, temperature=0,
-                                 speak=False, stop_at=None if speech_answer else "[ua]"))
+    items = _check_items(items, "chain")
+    results = chat_in_batches(sgpt, [dict(units=q_units) for q_units, *_ in items], batch_size, "eval chain",
+                              progress, task="dialogue", max_new_tokens=max_new_tokens,
+                              stop_at=None if speech_answer else "[ua]")
     scores = {"transcript_wer": word_error_rate([q for _, q, _, _ in items], [r.transcript for r in results]),
               "answer_accuracy": exact_match_accuracy([a for _, _, a, _ in items], [r.text_answer for r in results]),
               "n": len(results)}
@@ -183,12 +205,12 @@ def evaluate_chain(sgpt, items, max_new_tokens=768, progress=True, speech_answer
     return scores
 
 
-def evaluate_text_questions(sgpt, items, max_new_tokens=64, progress=True):
+def evaluate_text_questions(sgpt, items, max_new_tokens=64, progress=True, batch_size=16):
     """items: (typed question, answer text) -> exact-match accuracy of the greedy text answer ([ta])."""
     items = _check_items(items, "typed question")
-    answers = [sgpt.chat(text=q, temperature=0, speak=False, max_new_tokens=max_new_tokens, stop_at="[ua]").text_answer
-               for q, _ in tqdm(items, desc="eval typed questions", disable=not progress)]
-    return exact_match_accuracy([a for _, a in items], answers)
+    results = chat_in_batches(sgpt, [dict(text=q) for q, _ in items], batch_size, "eval typed questions", progress,
+                              task="dialogue", max_new_tokens=max_new_tokens, stop_at="[ua]")
+    return exact_match_accuracy([a for _, a in items], [r.text_answer for r in results])
 
 
 def fact_completion_accuracy(sgpt, statements, max_new_tokens=4):

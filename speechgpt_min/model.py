@@ -16,6 +16,8 @@ rotary embeddings use HF's half-split ("rotate_half") layout, so HF weights load
     logits = model(ids)                              # (B, T, vocab)
     logits, loss = model(ids, targets)               # targets -100 where masked
     out = model.generate(ids, 50, temperature=0.7, top_k=50, top_p=0.8, stop_ids=[2], generator=0)
+    ids, pad_mask = left_pad([[1, 5, 9], [1, 7]])     # prompts of different lengths, one batch
+    out = model.generate(ids, 50, temperature=0, pad_mask=pad_mask)
 """
 import math
 from dataclasses import asdict, dataclass
@@ -132,9 +134,11 @@ class KVCache:
     """Keys and values of every layer, preallocated for `max_len` positions.
 
     k[layer], v[layer]: (B, n_kv_heads, max_len, head_dim); the first `length` positions are filled.
+    pad_mask (B, P), optional: True where the first P positions (a left-padded prompt, `left_pad`)
+    hold padding, which no real token may attend to; None (or no True in it) means no padding.
     """
 
-    def __init__(self, cfg, batch_size, max_len, dtype, device):
+    def __init__(self, cfg, batch_size, max_len, dtype, device, pad_mask=None):
         if max_len > cfg.max_seq_len:
             raise ValueError(f"KV cache of {max_len} positions exceeds the model's max_seq_len {cfg.max_seq_len}")
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -142,6 +146,22 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.max_len = max_len
         self.length = 0
+        self.padding = None  # (B, max_len) True at padding, or None
+        if pad_mask is not None and pad_mask.any():
+            self.padding = F.pad(pad_mask.to(device=device, dtype=torch.bool), (0, max_len - pad_mask.shape[1]))
+
+    def attention_mask(self, T):
+        """Where T new queries after the `length` cached positions may look: (B, 1, T, length + T) bool.
+
+        Causal, and a real token never sees padding. A pad query (its output is never used) sees the
+        padding before it, so that no query sees nothing: some attention kernels give NaN for a fully
+        masked row, which would reach real tokens through that pad's keys and values.
+        """
+        past, end = self.length, self.length + T
+        causal = torch.ones(T, end, dtype=torch.bool, device=self.padding.device).tril(diagonal=past)  # (T, end)
+        key_is_pad = self.padding[:, None, :end]          # (B, 1, end)
+        query_is_pad = self.padding[:, past:end, None]    # (B, T, 1)
+        return (causal & (~key_is_pad | query_is_pad))[:, None]  # (B, 1, T, end), broadcast over heads
 
     def update(self, layer, k, v):
         """Store k, v (B, n_kv, T, hd) after the filled positions; return all keys/values so far."""
@@ -161,6 +181,8 @@ class SharedPrefix:
     its keys and values, gradients attached; the rows' own tokens then attend to them, expanded over
     the batch. The loss and every gradient are those of running each row whole.
     """
+
+    padding = None  # its rows are never padded (see KVCache)
 
     def __init__(self):
         self.k, self.v, self.length = {}, {}, 0
@@ -199,7 +221,9 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(self.layer, k, v)  # each (B, n_kv, past + T, hd)
-        if T == 1:         # one new token sees everything before it
+        if cache is not None and cache.padding is not None:  # a left-padded batch: causal, padding masked
+            mask, causal = cache.attention_mask(T), False  # (B, 1, T, past + T)
+        elif T == 1:       # one new token sees everything before it
             mask, causal = None, False
         elif past == 0:    # the queries are the whole sequence: plain causal mask
             mask, causal = None, True
@@ -333,16 +357,18 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def stream(self, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(), generator=None,
-               compile=False):
+               compile=False, pad_mask=None):
         """Generate token by token: yields each new token as a (B,) tensor (see `generate`)."""
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise ValueError(f"ids must be (batch, length>0) token ids, got shape {tuple(ids.shape)}")
+        if pad_mask is not None and (pad_mask.shape != ids.shape or (pad_mask[:, 1:] > pad_mask[:, :-1]).any()):
+            raise ValueError("pad_mask must have the shape of ids and mark padding on the left only (left_pad)")
         if isinstance(generator, int):
             generator = torch.Generator(device=ids.device).manual_seed(generator)
         stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=ids.device)
         B, T = ids.shape
         p = self.embed_tokens.weight
-        cache = KVCache(self.config, B, min(T + max_new_tokens, self.config.max_seq_len), p.dtype, p.device)
+        cache = KVCache(self.config, B, min(T + max_new_tokens, self.config.max_seq_len), p.dtype, p.device, pad_mask)
         finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
         # The prompt goes through in one pass; then one token at a time. With compile, torch.compile
         # traces that one-token step once (the cache length stays symbolic) and fuses each layer's
@@ -361,7 +387,7 @@ class Transformer(nn.Module):
             step, x, last = one_token_step, nxt[:, None], nxt  # x: (B, 1)
 
     def generate(self, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=(), generator=None,
-                 compile=False):
+                 compile=False, pad_mask=None):
         """Continue ids (B, T) by up to max_new_tokens tokens -> (B, T + n_new), prompt included.
 
         temperature 0: greedy (argmax). Otherwise sample from softmax(logits / temperature),
@@ -371,9 +397,24 @@ class Transformer(nn.Module):
         compile: decode with torch.compile (needs a C++ compiler on CPU; the first call compiles for
         tens of seconds, later calls on the same model reuse the code): pays off for long generation
         from small models, whose time goes to launching many small operations.
+        pad_mask (B, T): True at padding, for prompts of different lengths left-padded into one batch
+        (`left_pad`). Every row keeps positions 0..T-1, pads included: rotary attention depends only
+        on the distance between positions, so each real token sees the same distances as alone, and
+        with the pad keys masked out each row's logits are those it gets alone (up to float rounding):
+        greedy decoding continues each row as it would alone.
         """
-        new = list(self.stream(ids, max_new_tokens, temperature, top_k, top_p, stop_ids, generator, compile))
+        new = list(self.stream(ids, max_new_tokens, temperature, top_k, top_p, stop_ids, generator, compile,
+                               pad_mask))
         return torch.cat([ids] + [t[:, None] for t in new], dim=1) if new else ids.clone()
+
+
+def left_pad(sequences, pad_id=0, device=None):
+    """Token id lists of different lengths -> ids (B, T) and pad_mask (B, T), T the longest length:
+    each list right-aligned after pad_id tokens, pad_mask True at those; for generate(..., pad_mask=...)."""
+    T = max(len(seq) for seq in sequences)
+    ids = torch.tensor([[pad_id] * (T - len(seq)) + list(seq) for seq in sequences], device=device)
+    pad_mask = torch.tensor([[True] * (T - len(seq)) + [False] * len(seq) for seq in sequences], device=device)
+    return ids, pad_mask
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -15,6 +15,7 @@ follow this format, so `parse_response` keeps whatever it can and lists what was
     out.transcript, out.text_answer, out.answer_units, out.waveform
     sgpt.chat(text="what is two plus two")                # text dialogue
     sgpt.chat(wav="speech.wav", task="asr"); sgpt.chat(text="hello", task="tts")
+    sgpt.chat_batch([dict(units=[5, 9]), dict(units=[7])], task="asr")  # greedy, many at once (evaluation)
 
 A model trained here is prompted with exactly its training prefix (prompts="trained"); the released
 weights with the released inference template (prompts="released", the default of `from_parts`).
@@ -37,6 +38,7 @@ from .phones import PhoneRecognizer
 from .tokenizer import HF_FILE, SENTENCEPIECE_FILE, WORD_FILE, Tokenizer
 from .units import EOSP, SOSP, UNIT_RE, KMeans, dedup, parse_units, speech_text, speech_to_deduped_units
 from .mel_vocoder import load_vocoder
+from .model import left_pad
 from .weights import load_pretrained
 
 TASKS = ("dialogue", "asr", "tts")
@@ -107,6 +109,33 @@ def parse_response(text, n_units=None):
     else:
         answer = _clean(body)
     return Response(text, transcript, answer, units, problems)
+
+
+class _ResponseSoFar:
+    """A response as it is generated, token by token: its tokens, its text, and whether it has ended."""
+
+    def __init__(self, tokenizer, stop_ids, stop_at=None):
+        self.tokenizer, self.stop_ids, self.stop_at = tokenizer, stop_ids, stop_at
+        self.tokens, self.text, self.done = [], "", False
+
+    def add(self, token):
+        """Take the next token, or end before it (returning False) at a stop id or an id the
+        tokenizer does not assign. At "<eoa>" or stop_at the response ends, its text cut just after."""
+        if token in self.stop_ids:
+            self.done = True
+            return False
+        try:  # the whole text again: pieces join with the right spaces
+            text = self.tokenizer.decode(self.tokens + [token])
+        except ValueError:  # an id the tokenizer does not assign (a padded embedding row): end here
+            self.done = True
+            return False
+        self.tokens.append(token)
+        for end in (END_OF_ANSWER, self.stop_at):
+            if end is not None and end in text:  # cut there: a token may run past it
+                text, self.done = text[:text.index(end) + len(end)], True
+                break
+        self.text = text
+        return True
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -316,31 +345,49 @@ class SpeechGPT:
             raise PipelineError(f"the prompt has {len(ids)} tokens, the model's context only "
                                 f"{self.lm.config.max_seq_len}: use a shorter input")
         x = torch.tensor([ids], device=self.device)  # (1, T)
-        new, text, shown = [], "", 0
+        response, shown = _ResponseSoFar(self.tokenizer, self.stop_ids, stop_at), 0
         for token in self.lm.stream(x, min(max_new_tokens, room), temperature, top_k, top_p,
                                     stop_ids=self.stop_ids, generator=seed if temperature > 0 else None):
-            token = int(token[0])
-            if token in self.stop_ids:
+            if not response.add(int(token[0])):
                 break
-            try:  # the whole text again: pieces join with the right spaces
-                text = self.tokenizer.decode(new + [token])
-            except ValueError:  # an id the tokenizer does not assign (a padded embedding row): end here
-                break
-            new.append(token)
-            for end in (END_OF_ANSWER, stop_at):
-                if end is not None and end in text:  # cut there: a token may run past it
-                    text, done = text[:text.index(end) + len(end)], True
-                    break
-            else:
-                done = False
             if on_text is not None:
-                ready = text if done else text.rstrip("\ufffd")  # hold back a half-decoded character
+                text = response.text
+                ready = text if response.done else text.rstrip("\ufffd")  # hold back a half-decoded character
                 if len(ready) > shown:
                     on_text(ready[shown:])
                     shown = len(ready)
-            if done:
+            if response.done:
                 break
-        return text
+        return response.text
+
+    @torch.inference_mode()
+    def generate_batch(self, prompt_texts, max_new_tokens=2048, stop_at=None):
+        """Greedy `generate` of many prompts together: the texts of
+        [generate(p, max_new_tokens, temperature=0, stop_at=stop_at) for p in prompt_texts], from one
+        model call per token for the whole batch instead of one per prompt. (Up to float rounding:
+        batched, a near tie between two tokens could break the other way.)
+
+        The prompts are left-padded to the longest (model.left_pad), each response ends as in
+        `generate`, and the batch when they all have. The batch's cache holds the longest prompt plus
+        max_new_tokens positions, so a prompt without that much room in the model's context goes
+        alone, where the context cuts its response as `generate` does.
+        """
+        prompts = [encode_prompt(self.tokenizer, text) for text in prompt_texts]
+        fits = [len(ids) + max_new_tokens <= self.lm.config.max_seq_len for ids in prompts]
+        batch = [ids for ids, fit in zip(prompts, fits) if fit]
+        responses = [_ResponseSoFar(self.tokenizer, self.stop_ids, stop_at) for _ in batch]
+        if batch:
+            x, pad_mask = left_pad(batch, device=self.device)  # each (B, T)
+            for tokens in self.lm.stream(x, max_new_tokens, temperature=0, stop_ids=self.stop_ids,
+                                         pad_mask=pad_mask):  # tokens: (B,)
+                for response, token in zip(responses, tokens.tolist()):
+                    if not response.done:
+                        response.add(token)
+                if all(response.done for response in responses):
+                    break
+        batched = iter(responses)  # in the order of the prompts that fit; the others generate alone
+        return [next(batched).text if fit else self.generate(text, max_new_tokens, temperature=0, stop_at=stop_at)
+                for text, fit in zip(prompt_texts, fits)]
 
     def chat(self, wav=None, text=None, units=None, task="dialogue", max_new_tokens=2048, temperature=0.7, top_p=0.8,
              top_k=50, seed=None, on_text=None, speak=True, stop_at=None):
@@ -350,6 +397,25 @@ class SpeechGPT:
         text), "tts" (text -> speech). speak=False skips the vocoder (waveform None); stop_at ends
         the response early where that text appears (see `generate`).
         """
+        question_units = self._question_units(wav, text, units)
+        prompt = self.prompt(task, question_units, text)
+        generated = self.generate(prompt, max_new_tokens, temperature, top_p, top_k, seed, on_text, stop_at)
+        return self._chat_result(task, prompt, question_units, generated, speak)
+
+    def chat_batch(self, inputs, task="dialogue", max_new_tokens=2048, stop_at=None):
+        """Greedy `chat` of many inputs at once, for evaluation: the ChatResults of
+        [chat(**given, task=task, max_new_tokens=max_new_tokens, temperature=0, speak=False, stop_at=stop_at)
+         for given in inputs], generated together (generate_batch). inputs: dicts of chat's input
+        arguments, e.g. dict(units=[5, 9]) or dict(text="what is two plus two")."""
+        inputs = list(inputs)
+        questions = [self._question_units(**given) for given in inputs]
+        prompts = [self.prompt(task, units, given.get("text")) for units, given in zip(questions, inputs)]
+        generated = self.generate_batch(prompts, max_new_tokens, stop_at)
+        return [self._chat_result(task, prompt, units, text, speak=False)
+                for prompt, units, text in zip(prompts, questions, generated)]
+
+    def _question_units(self, wav=None, text=None, units=None):
+        """chat's inputs checked; the speech (wav or units) as a list of unit ids, None without speech."""
         if wav is not None and units is not None:
             raise PipelineError("give the speech either as wav or as units, not both")
         if text is not None and not text.strip():
@@ -359,8 +425,10 @@ class SpeechGPT:
             question_units = [int(u) for u in question_units]
             if not question_units or not all(0 <= u < self.tokenizer.n_units for u in question_units):
                 raise PipelineError(f"speech units must be a non-empty list of ids in 0..{self.tokenizer.n_units - 1}")
-        prompt = self.prompt(task, question_units, text)
-        generated = self.generate(prompt, max_new_tokens, temperature, top_p, top_k, seed, on_text, stop_at)
+        return question_units
+
+    def _chat_result(self, task, prompt, question_units, generated, speak):
+        """The ChatResult of a generated response: parsed, and spoken if asked."""
         response = parse_response(generated, self.tokenizer.n_units)
         transcript = response.text_answer if task == "asr" else response.transcript
         text_answer = response.text_answer if task == "dialogue" else None

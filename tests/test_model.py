@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from speechgpt_min.model import IGNORE_INDEX, LM_PRESETS, KVCache, LMConfig, Transformer, sample
+from speechgpt_min.model import IGNORE_INDEX, LM_PRESETS, KVCache, LMConfig, Transformer, left_pad, sample
 
 
 def hf_pair(n_heads=4, n_kv_heads=4, tie=False, theta=1e4, vocab=97, seed=0):
@@ -153,6 +153,39 @@ def test_batched_generation_stops_when_every_row_has_stopped():
     row1_end = 5 + (out[1, 5:] == greedy[1, 8]).nonzero()[0, 0].item()
     assert out.shape[1] == max(7, row1_end + 1)
     assert (out[0, 6:] == stop).all()  # row 0 repeats its stop token once finished
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates_alone():
+    ours, _ = hf_pair(n_kv_heads=2)
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (7, 3, 11)]
+    ids, pad_mask = left_pad(prompts, pad_id=5)
+    assert ids.shape == pad_mask.shape == (3, 11)
+    assert pad_mask.sum(1).tolist() == [4, 8, 0] and ids[1, :8].eq(5).all() and ids[1, 8:].tolist() == prompts[1]
+    alone = [ours.generate(torch.tensor([p]), 10, temperature=0)[0, len(p):] for p in prompts]
+    assert not all(torch.equal(alone[0], a) for a in alone[1:])  # the rows differ: the test can fail
+    batched = ours.generate(ids, 10, temperature=0, pad_mask=pad_mask)
+    for row, a in zip(batched[:, 11:], alone):
+        assert torch.equal(row, a)
+    # the next-token logits after each prompt's last real token, batched and alone
+    with torch.no_grad():
+        cache = KVCache(ours.config, 3, 11, torch.float32, "cpu", pad_mask)
+        last = ours.decode_step(ids, cache)  # (3, V)
+        for row, p in zip(last, prompts):
+            torch.testing.assert_close(row, ours(torch.tensor([p]))[0, -1], rtol=0, atol=1e-5)
+        # without the mask the padding leaks into the shorter prompts
+        unmasked = ours.decode_step(ids, KVCache(ours.config, 3, 11, torch.float32, "cpu"))
+        assert not torch.allclose(unmasked[1], last[1], atol=1e-3)
+    # a row that meets its stop token repeats it while the others go on
+    stop = alone[1][2].item()
+    out = ours.generate(ids, 10, temperature=0, stop_ids=[stop], pad_mask=pad_mask)
+    first = (alone[1] == stop).nonzero()[0, 0].item()
+    assert (out[1, 11 + first:] == stop).all()
+    for row, a in zip(out[:, 11:], alone):  # a row stops at its first stop token, if it has one
+        n = (a == stop).nonzero()[0, 0].item() + 1 if (a == stop).any() else len(a)
+        assert torch.equal(row[:n], a[:n])
+    with pytest.raises(ValueError, match="left only"):
+        ours.generate(ids, 2, pad_mask=pad_mask.flip(1))
 
 
 def test_compiled_decoding_gives_the_same_tokens():

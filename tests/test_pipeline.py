@@ -14,7 +14,8 @@ from speechgpt_min.data import (ASR_INSTRUCTIONS, CHAIN_TEMPLATE, SYSTEM_PROMPT,
                                 encode_dialogue, encode_prompt, speech_text, tts_dialogue)
 from speechgpt_min.evaluate import evaluate_asr, evaluate_chain, evaluate_tts, speech_whisper_wer
 from speechgpt_min.lora import LoRAConfig, inject, lora_layers, save_adapter
-from speechgpt_min.pipeline import ChatResult, PipelineError, Response, SpeechGPT, parse_response
+from speechgpt_min.model import LMConfig, Transformer
+from speechgpt_min.pipeline import TASKS, ChatResult, PipelineError, Response, SpeechGPT, parse_response
 from speechgpt_min.vocoder import UnitVocoder, VocoderConfig
 
 K = 20  # units of the parsing tests
@@ -223,12 +224,110 @@ def test_evaluation_scores_a_perfect_and_a_random_model(sgpt, monkeypatch):
         answers[sgpt.prompt("tts", text=text)] = tts_dialogue(text, units).response
     for q_units, q, a, a_units in chain:
         answers[sgpt.prompt("dialogue", q_units)] = chain_dialogue("s2s", q, a, q_units, a_units).response
-    monkeypatch.setattr(sgpt, "generate", lambda prompt, *args: answers[prompt])
+    monkeypatch.setattr(sgpt, "generate_batch", lambda prompts, *args: [answers[p] for p in prompts])
     assert evaluate_asr(sgpt, asr, progress=False) == {"wer": 0.0, "cer": 0.0, "n": 2}
     assert evaluate_tts(sgpt, tts, progress=False) == {"unit_edit_distance": 0.0, "n": 2, "answer_units": [[1, 2, 3], [9]]}
     assert evaluate_chain(sgpt, chain, progress=False) == {
         "transcript_wer": 0.0, "answer_accuracy": 1.0, "speech_answer_unit_edit_distance": 0.0,
         "well_formed": 1.0, "n": 2, "answer_units": [[7, 8], [5]]}
+
+
+@pytest.fixture
+def varied(sgpt):
+    """sgpt's tokenizer with a random LM of large weights: unlike small ones, its greedy text depends
+    on the input, so rows that a batch mixed up would show."""
+    torch.manual_seed(0)
+    lm = Transformer(LMConfig(vocab_size=len(sgpt.tokenizer), dim=32, n_layers=2, n_heads=2, max_seq_len=1024))
+    for name, parameter in lm.named_parameters():
+        if "norm" not in name:
+            torch.nn.init.normal_(parameter, std=0.3)
+    return SpeechGPT(lm, sgpt.tokenizer)
+
+
+BATCH_INPUTS = {"asr": [dict(units=[1, 2, 3]), dict(units=[4]), dict(units=list(range(12)))],
+                "tts": [dict(text="two plus two"), dict(text="four"), dict(text="what is two plus two")],
+                "dialogue": [dict(units=[1, 2]), dict(text="what is two plus two"), dict(units=[5, 9, 3, 3, 7, 1])]}
+
+
+def _one_by_one(sgpt, inputs, task, max_new_tokens, stop_at=None):
+    return [sgpt.chat(**given, task=task, max_new_tokens=max_new_tokens, temperature=0, speak=False, stop_at=stop_at)
+            for given in inputs]
+
+
+def _texts(results):
+    return [r.response.text for r in results]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_chat_batch_equals_chat_one_by_one(varied, task):
+    inputs = BATCH_INPUTS[task]
+    alone = _one_by_one(varied, inputs, task, 16)
+    assert len({r.response.text for r in alone}) == 3  # three different answers: a mix-up would show
+    assert varied.chat_batch(inputs, task, 16) == alone
+    # a row ends at its stop_at while the others, which never write it, go on
+    text, others = alone[1].response.text, _texts(alone[::2])
+    stop_at = next(text[i:i + 3] for i in range(3, len(text)) if not any(text[i:i + 3] in o for o in others))
+    stopped = _one_by_one(varied, inputs, task, 16, stop_at)
+    assert _texts(stopped) == [others[0], text[:text.index(stop_at) + 3], others[1]]
+    assert varied.chat_batch(inputs, task, 16, stop_at) == stopped
+
+
+def test_generate_batch_ends_each_row_as_generate_ends_it(sgpt, monkeypatch):
+    tok = sgpt.tokenizer
+    rows = [tok.encode("[ta] four<eoa>. [Human]: more"), tok.encode("[ta] two") + [tok.eos_id] + tok.encode("x"),
+            tok.encode("[ta] six") + [tok.vocab_size + 3] + tok.encode("seven"), tok.encode("one two three four")]
+    n = max(map(len, rows))
+    rows = [row + row[-1:] * (n - len(row)) for row in rows]  # (B, n) as the model streams them
+
+    def stream(ids, max_new_tokens, *args, **kwargs):
+        assert ids.shape[0] == len(rows) and kwargs["temperature"] == 0 and kwargs["pad_mask"].shape == ids.shape
+        for column in torch.tensor(rows).T[:max_new_tokens]:
+            yield column
+
+    monkeypatch.setattr(sgpt.lm, "stream", stream)
+    assert sgpt.generate_batch(["a", "b b b", "c", "d"], 16) == [
+        "[ta] four<eoa>", "[ta] two", "[ta] six", tok.decode(rows[3])]
+    assert sgpt.generate_batch(["a", "b b b", "c", "d"], 16, stop_at="two") == [
+        "[ta] four<eoa>", "[ta] two", "[ta] six", "one two"]
+
+
+def test_chat_batch_rows_end_at_stop_ids_and_at_the_context(varied, monkeypatch):
+    inputs = BATCH_INPUTS["dialogue"]
+    full = _texts(_one_by_one(varied, inputs, "dialogue", 16))
+    eoh = varied.tokenizer.encode("<eoh>")
+    assert len(eoh) == 1
+    monkeypatch.setattr(varied, "stop_ids", {*varied.stop_ids, *eoh})  # a token some rows give early, some never
+    alone = _one_by_one(varied, inputs, "dialogue", 16)
+    assert {a == f for a, f in zip(_texts(alone), full)} == {True, False}
+    assert varied.chat_batch(inputs, "dialogue", 16) == alone
+    # the longest prompt has no room for 16 new tokens: it goes alone, cut short by the context
+    longest = max(len(encode_prompt(varied.tokenizer, r.prompt)) for r in alone)
+    monkeypatch.setattr(varied.lm.config, "max_seq_len", longest + 10)
+    cut = _one_by_one(varied, inputs, "dialogue", 16)
+    assert {c == a for c, a in zip(_texts(cut), _texts(alone))} == {True, False}
+    assert varied.chat_batch(inputs, "dialogue", 16) == cut
+
+
+def test_batched_evaluation_equals_one_at_a_time(varied, monkeypatch):
+    asr = [(units, "two plus two") for units in ([4, 5, 6, 7, 8], [1], [9, 3, 3], [2, 8, 1, 1, 4, 5, 6], [7, 7], [3])]
+    tts = [(text, [1, 2]) for text in ("two plus two is four", "four", "what is two", "two", "plus two", "what")]
+    chain = [(units, "what is two plus two", "four", [7, 8]) for units, _ in asr]
+    typed = [(text, "four") for text, _ in tts]
+    monkeypatch.setattr(evaluate, "word_error_rate", lambda refs, hyps: list(hyps))  # the hypotheses themselves
+    monkeypatch.setattr(evaluate, "exact_match_accuracy", lambda refs, hyps: list(hyps))
+
+    def scores(batch_size):
+        return (evaluate_asr(varied, asr, 12, False, batch_size), evaluate_tts(varied, tts, 12, False, batch_size),
+                evaluate_chain(varied, chain, 12, False, batch_size=batch_size),
+                evaluate.evaluate_text_questions(varied, typed, 12, False, batch_size))
+
+    one_at_a_time = scores(1)
+    assert scores(4) == one_at_a_time  # a batch of 4 and one of 2, inputs of many lengths
+    alone = _one_by_one(varied, [dict(units=units) for units, _ in asr], "asr", 12)
+    assert one_at_a_time[0]["wer"] == [r.transcript for r in alone]  # in the items' order
+    assert len(set(one_at_a_time[0]["wer"])) == len(asr) and len(set(one_at_a_time[3])) > 1  # answers differ
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate_asr(varied, asr, 12, False, batch_size=0)
 
 
 def test_speaking_chain_is_heard_by_whisper_where_installed(sgpt, monkeypatch):
