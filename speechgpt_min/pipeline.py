@@ -268,7 +268,7 @@ class SpeechGPT:
         if self.phones is not None:
             units, _ = dedup(self.phones.units(wav))
         else:
-            units, _ = speech_to_deduped_units([wav.to(self.device)], self.encoder, self.layer, self.kmeans)[0]
+            units, _ = speech_to_deduped_units([wav], self.encoder, self.layer, self.kmeans)[0]
         if len(units) == 0:
             raise PipelineError("the audio is too short to give a single speech unit (25 ms at least)")
         return units.tolist()
