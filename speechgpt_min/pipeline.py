@@ -230,7 +230,7 @@ class SpeechGPT:
         vocoder = None
         if vocoder_path is not None:
             vocoder = load_vocoder(vocoder_path).to(device)
-        phones = PhoneRecognizer.from_pretrained(phones_dir) if phones_dir is not None else None
+        phones = PhoneRecognizer.from_pretrained(phones_dir).to(device) if phones_dir is not None else None
         return cls(lm, tokenizer, encoder, hubert_layer, kmeans, vocoder, prompts, phones=phones)
 
     @classmethod
