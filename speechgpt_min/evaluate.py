@@ -277,13 +277,14 @@ def evaluate_vocoder_speech(vocoder, items, texts, speech_to_units=None, progres
     WER of the resynthesis with predicted durations (whisper_wer, what a listener of SpeechGPT hears),
     with the true ones (whisper_wer_true_durations) and of the original audio (whisper_wer_original),
     None without Whisper; and resynthesis_unit_edit_distance where speech_to_units is given.
+    The vocoder runs where it is (e.g. the pipeline's device); the waveforms come back to the CPU.
     """
-    items, scores = list(items), {}
+    items, scores, device = list(items), {}, next(vocoder.parameters()).device
     scores["mel_l1"] = evaluate_vocoder(vocoder, items)
     spoken, compute = [], 0.0
     for _, units, _ in items:
         start = time.perf_counter()
-        spoken.append(vocoder(units.long()[None])[0])  # (samples,)
+        spoken.append(vocoder(units.long()[None].to(device))[0].cpu())  # (samples,); .cpu() waits for the device
         compute += time.perf_counter() - start
     scores["rtf"] = compute / (sum(len(w) for w in spoken) / 16000)
     if speech_to_units is not None:
@@ -291,7 +292,7 @@ def evaluate_vocoder_speech(vocoder, items, texts, speech_to_units=None, progres
                                                                       [speech_to_units(w) for w in spoken])
     scores["whisper_wer"] = whisper_wer(texts, spoken, progress)
     if scores["whisper_wer"] is not None:
-        true_durations = [vocoder(u.long()[None], d.long()[None])[0] for _, u, d in items]
+        true_durations = [vocoder(u.long()[None].to(device), d.long()[None].to(device))[0].cpu() for _, u, d in items]
         scores["whisper_wer_true_durations"] = whisper_wer(texts, true_durations, progress)
         scores["whisper_wer_original"] = whisper_wer(texts, [wav for wav, _, _ in items], progress)
     else:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .device import resolve_device
 from .presets import config_from_preset
 
 FORMAT = "speechgpt_min.hubert"
@@ -390,16 +391,20 @@ def pad_batch(wavs):
 
 
 @torch.inference_mode()
-def extract_features(model, wavs, layer, batch_size=8, progress=False):
+def extract_features(model, wavs, layer, batch_size=8, progress=False, device=None):
     """Layer features of each waveform, batched (sorted by length to limit padding).
-    wavs: list of (T_i,) -> list of (T_i', D) float tensors, in the input order."""
+    wavs: list of (T_i,) -> list of (T_i', D) float tensors on the CPU, in the input order.
+    device: where the model runs ("cpu", "cuda", ...; the model is moved there); None: where it is."""
+    if device is not None:
+        model.to(resolve_device(device))
+    device = next(model.parameters()).device
     model.eval()
     order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
     out = [None] * len(wavs)
     for start in tqdm(range(0, len(order), batch_size), desc=f"HuBERT layer {layer}", disable=not progress):
         idx = order[start: start + batch_size]
-        wav, lengths = pad_batch([wavs[i] for i in idx])
-        feats, n_frames = model.features(wav, layer, lengths)
+        wav, lengths = pad_batch([wavs[i] for i in idx])  # (B, T_max), (B,)
+        feats, n_frames = model.features(wav.to(device), layer, lengths.to(device))  # (B, T', D), (B,)
         for j, i in enumerate(idx):
-            out[i] = feats[j, : n_frames[j]].clone()
+            out[i] = feats[j, : n_frames[j]].to("cpu", copy=True)  # its own copy, not a view of the batch
     return out

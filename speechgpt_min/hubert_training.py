@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .audio import deltas, mfcc
+from .device import resolve_device
 from .hubert import HuBERT, extract_features, frame_lengths, pad_batch, receptive_field
 from .trainer import lr_at
 from .units import fit_kmeans
@@ -70,18 +71,21 @@ def masked_prediction_loss(model, wav, sample_lengths, targets, generator=None):
 
 
 def pretrain(model, wavs, targets, steps, lr=1e-3, batch_size=8, seed=0, max_frames=200, warmup=0.08,
-             bf16=False, progress=True):
+             bf16=False, progress=True, device="cpu"):
     """Masked-prediction pretraining with AdamW, clip norm 10, lr warming up linearly over the first
     `warmup` share of the steps, then decaying linearly to 0 (trainer.lr_at).
     wavs: list of (T_i,) 16 kHz tensors; targets: list of (T_i',) long cluster ids, one per frame.
     Each step draws `batch_size` utterances and a random crop of at most `max_frames` frames.
-    bf16: forward under bf16 autocast (faster on CPUs with bf16 matrix instructions).
-    Returns the loss of every step."""
+    bf16: forward under bf16 autocast (device.fast_bfloat16 says where it is faster).
+    device: where to train ("cpu", "cuda", "mps", "auto"; device.resolve_device): the model is
+    moved there and stays there, each batch goes there. Returns the loss of every step."""
+    device = resolve_device(device)
     for i, (wav, target) in enumerate(zip(wavs, targets)):
         n = int(frame_lengths(model.config, torch.tensor(len(wav))))
         if n != len(target):
             raise ValueError(f"utterance {i}: {len(target)} targets for {n} frames")
-    rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
+    rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)  # masks are drawn on the CPU
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     hop, window = model.config.downsampling, receptive_field(model.config)
     model.train()
@@ -96,9 +100,10 @@ def pretrain(model, wavs, targets, steps, lr=1e-3, batch_size=8, seed=0, max_fra
             n = min(max_frames, len(targets[i]) - start)
             crops.append(wavs[i][start * hop: (start + n - 1) * hop + window])  # exactly n frames
             crop_targets.append(targets[i][start: start + n])
-        wav, lengths = pad_batch(crops)
-        target = torch.nn.utils.rnn.pad_sequence(crop_targets, batch_first=True, padding_value=-100)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        wav, lengths = pad_batch(crops)  # (B, T), (B,)
+        target = torch.nn.utils.rnn.pad_sequence(crop_targets, batch_first=True, padding_value=-100)  # (B, T')
+        wav, lengths, target = wav.to(device), lengths.to(device), target.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, accuracy = masked_prediction_loss(model, wav, lengths, target, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -125,7 +130,8 @@ def kmeans_sample(wavs, seed=0, seconds=4000):
 
 
 def train_unit_encoder(wavs, config, n_units=100, steps=(700,), target_layer=0, unit_layer=1, lr=2e-3,
-                       batch_size=8, max_frames=64, warm_start=False, seed=0, bf16=False, progress=True):
+                       batch_size=8, max_frames=64, warm_start=False, seed=0, bf16=False, progress=True,
+                       device="cpu"):
     """HuBERT's iterations from scratch (one per entry of `steps`), then the unit quantiser.
 
     1. k-means (n_units) on MFCC frames -> targets; pretrain encoder 1 (masked prediction).
@@ -138,8 +144,11 @@ def train_unit_encoder(wavs, config, n_units=100, steps=(700,), target_layer=0, 
     "Speech to units", has both times).
     wavs: list of (T_i,) 16 kHz tensors; config: a HubertConfig with num_clusters = n_units.
     bf16: pretrain under bf16 autocast (see `pretrain`).
-    Returns dict: encoder (the last iteration's), layer, kmeans, and iteration1, mfcc_kmeans, losses for study.
+    device: where the encoders train and run (see `pretrain`); MFCCs and k-means stay on the CPU.
+    Returns dict: encoder (the last iteration's), layer, kmeans, and iteration1, mfcc_kmeans, losses for study;
+    the encoders are on `device`, the k-means on the CPU.
     """
+    device = resolve_device(device)  # an unavailable device fails here, before any work
     torch.manual_seed(seed)
     mfccs = [mfcc_features(w) for w in wavs]
     mfcc_kmeans = fit_kmeans(mfccs, n_units, seed)
@@ -151,7 +160,7 @@ def train_unit_encoder(wavs, config, n_units=100, steps=(700,), target_layer=0, 
             targets = [target_kmeans.assign(f) for f in features]
         model = copy.deepcopy(models[-1]) if warm_start and models else HuBERT(config)
         losses.append(pretrain(model, wavs, targets, n_steps, lr, batch_size, seed + iteration, max_frames, bf16=bf16,
-                               progress=progress))
+                               progress=progress, device=device))
         models.append(model)
     sample = kmeans_sample(wavs, seed)  # k-means fits on 50,000 frames: encoding every utterance would be wasted
     kmeans = fit_kmeans(extract_features(models[-1], sample, unit_layer, progress=progress), n_units, seed)

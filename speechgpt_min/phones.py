@@ -19,6 +19,9 @@ toy hears through phones, learnt the way speech recognisers bootstrap:
     recognizer = train_phone_recognizer(features, labels, pronunciations)  # labels: frame phones or None
     units = recognizer.recognize(features)                                # per utterance (T',) phone ids
     units = recognizer.units(wav)                                         # one waveform -> (T',) phone ids
+
+Training takes a `device` ("cpu", "cuda", "mps"); inference runs wherever the recognizer's weights are
+(features go there, results come back to the CPU).
 """
 import json
 import random
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .device import resolve_device
 from .hubert_training import mfcc_features
 from .presets import config_from_preset
 from .trainer import lr_at
@@ -189,8 +193,8 @@ def forced_align_batch(log_probs, phone_ids):
 
 # ----------------------------------------------------------------------------- training
 
-def _epochs(model, inputs, targets, epochs, lr, batch_size, rng, desc, progress):
-    """AdamW over batches of whole utterances (similar lengths together), cross-entropy per frame."""
+def _epochs(model, inputs, targets, epochs, lr, batch_size, rng, desc, progress, device):
+    """AdamW over batches of whole utterances (similar lengths together), cross-entropy per frame, on `device`."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -202,8 +206,8 @@ def _epochs(model, inputs, targets, epochs, lr, batch_size, rng, desc, progress)
         for batch in batches:
             for group in optimizer.param_groups:  # linear decay to zero
                 group["lr"] = lr_at(step, steps, lr, decay="linear")
-            x = nn.utils.rnn.pad_sequence([inputs[i] for i in batch], batch_first=True)  # (B, T, 39)
-            y = nn.utils.rnn.pad_sequence([targets[i] for i in batch], batch_first=True, padding_value=-100)
+            x = nn.utils.rnn.pad_sequence([inputs[i] for i in batch], batch_first=True).to(device)  # (B, T, 39)
+            y = nn.utils.rnn.pad_sequence([targets[i] for i in batch], batch_first=True, padding_value=-100).to(device)
             loss = F.cross_entropy(model(x).transpose(1, 2), y, ignore_index=-100)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -216,22 +220,25 @@ def _epochs(model, inputs, targets, epochs, lr, batch_size, rng, desc, progress)
 
 
 def train_phone_recognizer(features, frame_labels, pronunciations, config=None, epochs=(2, 2), lr=2e-3,
-                           batch_size=16, seed=0, progress=True):
+                           batch_size=16, seed=0, progress=True, device="cpu"):
     """The two rounds of the module docstring.
 
     features: list of (T_i, 39) normalised MFCCs of the training speech (`normalised_mfcc`).
     frame_labels: per utterance, its phones per 50 Hz frame (a list of phone names, e.g. from
         units.frame_phones of a festival alignment), or None where the voice has no alignment.
     pronunciations: per utterance, its text's phones in order (names), used to force-align the others.
-    epochs: (round 1, round 2). Returns the trained PhoneRecognizer.
+    epochs: (round 1, round 2). device: where the model trains ("cpu", "cuda", "mps", "auto";
+        device.resolve_device); forced alignment runs on the CPU.
+    Returns the trained PhoneRecognizer, on `device`.
     """
+    device = resolve_device(device)  # an unavailable device fails here, before any work
     torch.manual_seed(seed)
     rng = random.Random(seed)
     names = sorted({p for labels in frame_labels if labels for p in labels} | {p for ps in pronunciations for p in ps})
     config = config or PhoneRecognizerConfig()
     config.phones = names
     index = {p: i for i, p in enumerate(names)}
-    model = PhoneRecognizer(config)
+    model = PhoneRecognizer(config).to(device)
 
     aligned = [i for i, labels in enumerate(frame_labels) if labels is not None]
     if not aligned:
@@ -240,7 +247,7 @@ def train_phone_recognizer(features, frame_labels, pronunciations, config=None, 
     for i in aligned:  # an alignment a frame short of the features: the last phone goes on
         targets[i] = F.pad(targets[i], (0, len(features[i]) - len(targets[i])), value=int(targets[i][-1]))
     _epochs(model, [features[i] for i in aligned], [targets[i] for i in aligned], epochs[0], lr, batch_size, rng,
-            "phones, round 1", progress)
+            "phones, round 1", progress, device)
 
     others = [i for i in range(len(features)) if i not in targets
               and len(pronunciations[i]) <= len(features[i])]  # (a text too long for its audio is left out)
@@ -251,4 +258,4 @@ def train_phone_recognizer(features, frame_labels, pronunciations, config=None, 
         targets.update(zip(batch, forced_align_batch(posteriors[start:start + 256], ids)))
     chosen = sorted(targets)
     return _epochs(model, [features[i] for i in chosen], [targets[i] for i in chosen], epochs[1], lr / 2, batch_size,
-                   rng, "phones, round 2", progress)
+                   rng, "phones, round 2", progress, device)

@@ -259,7 +259,7 @@ class SpeechGPT:
         vocoder = None
         if vocoder_path is not None:
             vocoder = load_vocoder(vocoder_path).to(device)
-        phones = PhoneRecognizer.from_pretrained(phones_dir) if phones_dir is not None else None
+        phones = PhoneRecognizer.from_pretrained(phones_dir).to(device) if phones_dir is not None else None
         return cls(lm, tokenizer, encoder, hubert_layer, kmeans, vocoder, prompts, phones=phones)
 
     @classmethod
@@ -297,7 +297,7 @@ class SpeechGPT:
         if self.phones is not None:
             units, _ = dedup(self.phones.units(wav))
         else:
-            units, _ = speech_to_deduped_units([wav.to(self.device)], self.encoder, self.layer, self.kmeans)[0]
+            units, _ = speech_to_deduped_units([wav], self.encoder, self.layer, self.kmeans)[0]
         if len(units) == 0:
             raise PipelineError("the audio is too short to give a single speech unit (25 ms at least)")
         return units.tolist()

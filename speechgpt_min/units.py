@@ -207,15 +207,16 @@ def _parse_tolerant(text, n_units, problems):
 
 # ----------------------------------------------------------------------------- speech -> units
 
-def speech_to_units(wavs, encoder, layer, kmeans, batch_size=8, progress=False):
-    """16 kHz waveforms -> 50 Hz unit ids. wavs: list of (T_i,) -> list of (T_i',) long."""
-    features = extract_features(encoder, wavs, layer, batch_size=batch_size, progress=progress)
+def speech_to_units(wavs, encoder, layer, kmeans, batch_size=8, progress=False, device=None):
+    """16 kHz waveforms -> 50 Hz unit ids. wavs: list of (T_i,) -> list of (T_i',) long, on the CPU.
+    device: where the encoder runs (it is moved there; None: where it is); k-means assigns on the CPU."""
+    features = extract_features(encoder, wavs, layer, batch_size=batch_size, progress=progress, device=device)
     return [kmeans.assign(f) for f in features]
 
 
-def speech_to_deduped_units(wavs, encoder, layer, kmeans, batch_size=8, progress=False):
+def speech_to_deduped_units(wavs, encoder, layer, kmeans, batch_size=8, progress=False, device=None):
     """Like `speech_to_units`, repeats merged: list of (units (n_i,), durations (n_i,) in frames)."""
-    return [dedup(u) for u in speech_to_units(wavs, encoder, layer, kmeans, batch_size, progress)]
+    return [dedup(u) for u in speech_to_units(wavs, encoder, layer, kmeans, batch_size, progress, device)]
 
 
 # ----------------------------------------------------------------------------- phone alignments, PNMI

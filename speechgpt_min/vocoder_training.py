@@ -6,6 +6,10 @@
     history = train_vocoder(vocoder, dataset, steps=600)      # the unit HiFi-GAN
     mel_l1 = evaluate_vocoder(vocoder, held_out)             # either kind: log-mel L1 with the true durations
 
+Both trainers take a `device` ("cpu", "cuda", "mps", "auto"; device.resolve_device): the vocoder (and
+the discriminator) train there and stay there, each batch goes there; the dataset stays on the CPU.
+Evaluation runs wherever the vocoder is.
+
 The losses are HiFi-GAN's (Kong et al. 2020): multi-period (periods 2, 3, 5, 7, 11) and multi-scale
 discriminators, least-squares adversarial loss, feature matching, log-mel L1 (weight 45), plus the
 duration loss (MSE on log(d + 1)) and an optional multi-resolution STFT loss. Only training needs
@@ -22,6 +26,7 @@ from torch.nn.utils.parametrizations import spectral_norm, weight_norm
 from tqdm import tqdm
 
 from .audio import load_audio, log_mel_spectrogram
+from .device import resolve_device
 from .trainer import lr_at
 from .vocoder import LRELU_SLOPE
 
@@ -60,7 +65,7 @@ def _length_buckets(lengths, batch_size, rng, chunk=16):
 
 
 def train_mel_vocoder(vocoder, dataset, steps, batch_size=4, lr=4e-3, warmup_fraction=0.05, seed=0, progress=True,
-                      log=None):
+                      log=None, device="cpu"):
     """Train a MelVocoder in place on whole utterances; return the per-step history (list of dicts).
 
     Each step takes `batch_size` utterances of similar length (every one once per epoch) and lowers
@@ -71,7 +76,10 @@ def train_mel_vocoder(vocoder, dataset, steps, batch_size=4, lr=4e-3, warmup_fra
 
     dataset: items (wav (T,) float at 16 kHz, units (N,) long deduplicated, durations (N,) frames,
         durations.sum() * 320 ~ T). log: called with each step's record, e.g. print.
+    device: where to train (the module docstring).
     """
+    device = resolve_device(device)  # an unavailable device fails here, before any work
+    vocoder.to(device)
     hop, per = vocoder.config.code_hop_size, vocoder.config.mel_frames_per_unit
     examples = []
     for wav, units, durations in dataset:
@@ -92,7 +100,8 @@ def train_mel_vocoder(vocoder, dataset, steps, batch_size=4, lr=4e-3, warmup_fra
             group["lr"] = step_lr
         if not batches:  # a new epoch
             batches = _length_buckets([m.shape[1] for _, _, m in examples], batch_size, rng)
-        units, durations, unit_mask, mels, mel_mask = _mel_batch([examples[i] for i in batches.pop()])
+        batch = _mel_batch([examples[i] for i in batches.pop()])
+        units, durations, unit_mask, mels, mel_mask = (t.to(device) for t in batch)
         encoded = vocoder.encode(units, unit_mask)  # (B, C, N)
         predicted = vocoder.decode(encoded, durations)  # (B, n_mels, F)
         mel_loss = ((predicted - mels).abs() * mel_mask).sum() / (mel_mask.sum() * mels.shape[1])
@@ -237,7 +246,7 @@ def _segments(items, batch_size, segment_frames, hop, rng):
 
 
 def train_vocoder(vocoder, dataset, steps, batch_size=4, segment_frames=16, lr=4e-3, min_lr=1e-4, seed=0,
-                  warmup_steps=None, mel_weight=45.0, stft_weight=1.0, progress=True, log=None):
+                  warmup_steps=None, mel_weight=45.0, stft_weight=1.0, progress=True, log=None, device="cpu"):
     """Train the generator and duration predictor in place; return the per-step history (list of dicts).
 
     The defaults suit a few CPU minutes on half an hour of speech (tiny_data): a short run is limited
@@ -253,8 +262,10 @@ def train_vocoder(vocoder, dataset, steps, batch_size=4, segment_frames=16, lr=4
     warmup_steps: steps trained on the reconstruction losses only (mel_weight * mel L1 + stft_weight * MR-STFT
         + durations) before HiFi-GAN's adversarial and feature-matching losses join; None = all steps
         (no discriminator). Optimisers: AdamW, betas (0.8, 0.99), as HiFi-GAN.
-    log: called with each step's record, e.g. print.
+    log: called with each step's record, e.g. print. device: where to train (the module docstring).
     """
+    device = resolve_device(device)  # an unavailable device fails here, before any work
+    vocoder.to(device)
     hop = vocoder.config.code_hop_size
     warmup_steps = steps if warmup_steps is None else warmup_steps
     rng = random.Random(seed)
@@ -263,7 +274,7 @@ def train_vocoder(vocoder, dataset, steps, batch_size=4, segment_frames=16, lr=4
     optim_g = torch.optim.AdamW(vocoder.parameters(), lr, betas=(0.8, 0.99))
     discriminator = optim_d = None
     if warmup_steps < steps:
-        discriminator = Discriminator(vocoder.config.discriminator_channels)
+        discriminator = Discriminator(vocoder.config.discriminator_channels).to(device)
         optim_d = torch.optim.AdamW(discriminator.parameters(), lr, betas=(0.8, 0.99))
     vocoder.train()
     history, start = [], time.perf_counter()
@@ -271,6 +282,7 @@ def train_vocoder(vocoder, dataset, steps, batch_size=4, segment_frames=16, lr=4
         for group in optim_g.param_groups + (optim_d.param_groups if optim_d else []):
             group["lr"] = lr_at(step, steps, lr, min_lr=lr if min_lr is None else min_lr)  # cosine, or constant
         frames, real = _segments(items, batch_size, segment_frames, hop, rng)  # (B, S), (B, S * hop)
+        frames, real = frames.to(device), real.to(device)
         fake = vocoder.decode(vocoder.dict(frames).transpose(1, 2))  # (B, S * hop)
         record = {"step": step + 1, "lr": optim_g.param_groups[0]["lr"]}
         if step >= warmup_steps:  # discriminator update on detached fakes
@@ -283,7 +295,8 @@ def train_vocoder(vocoder, dataset, steps, batch_size=4, segment_frames=16, lr=4
             record["disc"] = loss_d.item()
 
         chosen = [items[i] for i in rng.sample(range(len(items)), min(batch_size, len(items)))]
-        losses = {"mel": mel_l1(fake, real), "dur": duration_loss(vocoder, [c[1] for c in chosen], [c[2] for c in chosen])}
+        units, durations = [c[1].to(device) for c in chosen], [c[2].to(device) for c in chosen]
+        losses = {"mel": mel_l1(fake, real), "dur": duration_loss(vocoder, units, durations)}
         loss = mel_weight * losses["mel"] + losses["dur"]
         if stft_weight:
             losses["stft"] = stft_loss(fake, real)
@@ -308,11 +321,13 @@ def train_vocoder(vocoder, dataset, steps, batch_size=4, segment_frames=16, lr=4
 
 @torch.no_grad()
 def evaluate_vocoder(vocoder, dataset):
-    """Mean log-mel L1 (nats, `log_mel`) of whole utterances resynthesised with their true durations."""
+    """Mean log-mel L1 (nats, `log_mel`) of whole utterances resynthesised with their true durations,
+    on the vocoder's device."""
     vocoder.eval()
+    device = next(vocoder.parameters()).device
     scores = []
     for wav, units, durations in dataset:
-        fake = vocoder(units.long()[None], durations.long()[None])  # (1, frames * 320)
-        real = F.pad(wav.float(), (0, max(fake.shape[1] - len(wav), 0)))[None, :fake.shape[1]]
+        fake = vocoder(units.long()[None].to(device), durations.long()[None].to(device))  # (1, frames * 320)
+        real = F.pad(wav.float().to(device), (0, max(fake.shape[1] - len(wav), 0)))[None, :fake.shape[1]]
         scores.append(mel_l1(fake, real).item())
     return sum(scores) / len(scores)

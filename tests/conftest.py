@@ -1,4 +1,5 @@
-"""What several test files share: the files the tests read, the optional libraries, and a tiny run.
+"""What several test files share: the files the tests read, the optional libraries, a tiny run, and
+the devices a step computed on.
 
 Files of the repository (tiny_data/, tests/reference/): a missing one fails the tests that read it,
 with a message naming it; it is never a reason to skip. Optional libraries (the dev extra's
@@ -116,3 +117,25 @@ def tiny_run(tmp_path_factory):
                                 dur_hidden_dim=8)).save_pretrained(run / "vocoder")  # the kind train.py trains
     (run / "report.json").write_text("{}\n")
     return TinyRun(run, lm, texts, k)
+
+
+# ----------------------------------------------------------------------------- devices
+
+@pytest.fixture
+def devices_seen():
+    """The devices of every module's parameters and tensor inputs at each forward call during the test
+    (a set): where a step really computed. On this CPU-only machine {cpu}; empty if nothing ran."""
+    seen = set()
+
+    def record(module, args):
+        seen.update(t.device for t in (*args, *module.parameters(recurse=False)) if isinstance(t, torch.Tensor))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    yield seen
+    handle.remove()
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """A machine without CUDA, even where it has one: asking for "cuda" must fail in one clear line."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from speechgpt_min.audio import mfcc
 from speechgpt_min.hubert import HuBERT, HubertConfig, extract_features, frame_lengths
+from speechgpt_min import hubert_training
 from speechgpt_min.hubert_training import mfcc_features, pretrain, span_mask, train_unit_encoder
 from speechgpt_min.units import speech_to_units
 
@@ -177,12 +178,14 @@ def test_pretraining_lowers_masked_prediction_loss():
         pretrain(model, wavs[:1], [torch.zeros(3, dtype=torch.long)], steps=1, progress=False)
 
 
+TINY = dict(conv_dim=(16,) * 7, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+            num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, num_clusters=4, final_dim=8)
+
+
 @pytest.mark.parametrize("steps", [(2, 2), (3,)])  # both of HuBERT's iterations; one (the toy default)
 def test_train_unit_encoder(steps):
     torch.manual_seed(0)
-    config = HubertConfig.from_preset("toy", conv_dim=(16,) * 7, hidden_size=16, num_hidden_layers=2,
-                                      num_attention_heads=2, intermediate_size=32, num_conv_pos_embeddings=8,
-                                      num_conv_pos_embedding_groups=2, num_clusters=4, final_dim=8)
+    config = HubertConfig.from_preset("toy", **TINY)
     wavs = [torch.randn(n) for n in (8000, 9000, 10000)]
     result = train_unit_encoder(wavs, config, n_units=4, steps=steps, target_layer=1, unit_layer=2,
                                 batch_size=2, max_frames=16, warm_start=True, progress=False)
@@ -191,3 +194,27 @@ def test_train_unit_encoder(steps):
     assert (result["encoder"] is result["iteration1"]) == (len(steps) == 1)  # the last iteration's encoder
     units = speech_to_units(wavs, result["encoder"], result["layer"], result["kmeans"])
     assert [len(u) for u in units] == [24, 27, 31]  # (T - 400) // 320 + 1
+
+
+def test_hubert_training_follows_the_device(devices_seen, no_cuda, monkeypatch):
+    """device="cpu" trains exactly as the default; every forward runs on the resolved device and the
+    encoder stays there; "cuda" on a machine without it fails in one clear line before any work."""
+    config = HubertConfig.from_preset("toy", **TINY)
+    wavs = [torch.randn(n, generator=torch.Generator().manual_seed(n)) for n in (8000, 9000)]
+    default, on_cpu = (train_unit_encoder(wavs, config, n_units=4, steps=(2,), batch_size=2, max_frames=16,
+                                          progress=False, **device) for device in ({}, {"device": "cpu"}))
+    assert on_cpu["losses"] == default["losses"]
+    assert all(torch.equal(a, b) for a, b in zip(on_cpu["encoder"].state_dict().values(),
+                                                 default["encoder"].state_dict().values()))
+    assert torch.equal(on_cpu["kmeans"].centroids, default["kmeans"].centroids)
+    assert devices_seen == {torch.device("cpu")}
+    assert {p.device for p in on_cpu["encoder"].parameters()} == {torch.device("cpu")}
+
+    devices_seen.clear()
+    monkeypatch.setattr(hubert_training, "mfcc_features", lambda wav: pytest.fail("MFCCs before the device check"))
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train_unit_encoder(wavs, config, n_units=4, steps=(2,), progress=False, device="cuda")
+    targets = [torch.zeros(int(frame_lengths(config, torch.tensor(len(w)))), dtype=torch.long) for w in wavs]
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        pretrain(HuBERT(config), wavs, targets, steps=1, progress=False, device="cuda")
+    assert not devices_seen  # no forward ran

@@ -93,3 +93,25 @@ def test_config_presets():
         PhoneRecognizerConfig.from_preset("big")
     with pytest.raises(ValueError, match="unknown PhoneRecognizerConfig field"):
         PhoneRecognizerConfig.from_preset("toy", width=8)
+
+
+def test_training_follows_the_device(devices_seen, no_cuda):
+    """device="cpu" trains exactly as the default; training and recognition run on the resolved device,
+    where the recognizer stays; "cuda" without CUDA fails before any work."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    texts = [[str(p) for p in rng.choice(list("abc"), size=4)] for _ in range(6)]
+    utterances = [tone_utterance(text, rng) for text in texts]
+    features = [normalised_mfcc(wav) for wav, _ in utterances]
+    labels = [lab if i % 2 == 0 else None for i, (_, lab) in enumerate(utterances)]
+    config = PhoneRecognizerConfig(channels=8, dilations=(1,))
+    default, on_cpu = (train_phone_recognizer(features, labels, texts, config, epochs=(1, 1), batch_size=4,
+                                              progress=False, **device) for device in ({}, {"device": "cpu"}))
+    assert all(torch.equal(a, b) for a, b in zip(on_cpu.state_dict().values(), default.state_dict().values()))
+    assert {p.device for p in on_cpu.parameters()} == {torch.device("cpu")}
+    assert devices_seen == {torch.device("cpu")}
+    devices_seen.clear()
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train_phone_recognizer(features, labels, texts, config, progress=False, device="cuda")
+    assert not devices_seen

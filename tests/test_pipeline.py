@@ -167,6 +167,21 @@ def test_speech_in_at_any_rate_and_channels(sgpt, tmp_path):
     assert sgpt.speech_to_units(noise(1.0, sr=8000), sr=8000)  # samples at another rate
 
 
+def test_every_part_runs_on_the_pipeline_device(tiny_run, tmp_path, devices_seen):
+    """The ears (HuBERT, or a phone recogniser) and the voice follow `device` like the LM; units come back
+    as a list either way."""
+    from speechgpt_min.phones import PhoneRecognizer, PhoneRecognizerConfig
+    PhoneRecognizer(PhoneRecognizerConfig(phones=[f"p{i}" for i in range(tiny_run.n_units)], channels=8,
+                                          dilations=(1,))).save_pretrained(tmp_path / "phones")
+    hubert = SpeechGPT.from_run(tiny_run.directory, device="cpu")
+    phones = SpeechGPT.from_parts(tiny_run.directory / "stage2" / "model", phones_dir=tmp_path / "phones",
+                                  vocoder_path=tiny_run.directory / "vocoder", device="cpu")
+    for sgpt in (hubert, phones):
+        ears = sgpt.encoder if sgpt.phones is None else sgpt.phones
+        assert {p.device for part in (sgpt.lm, ears, sgpt.vocoder) for p in part.parameters()} == {torch.device("cpu")}
+        assert isinstance(sgpt.speech_to_units(noise(0.5)), list) and sgpt.units_to_speech([1, 2]).device.type == "cpu"
+    assert devices_seen == {torch.device("cpu")}
+
 def test_speech_out_from_a_well_formed_response(sgpt, monkeypatch):
     monkeypatch.setattr(sgpt, "generate", lambda *args, **kwargs: "what is two plus two; [ta] four; "
                         "[ua] <sosp><3><7><3><eosp><eoa>")

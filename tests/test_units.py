@@ -183,3 +183,22 @@ def test_speech_to_units_batched_equals_one_by_one():
         assert torch.equal(units, speech_to_units([wav], encoder, 1, km)[0])
     for (units, durations), full in zip(speech_to_deduped_units(wavs, encoder, 1, km, batch_size=2), batched):
         assert torch.equal(torch.repeat_interleave(units, durations), full)
+
+
+def test_speech_to_units_follows_the_device(devices_seen, no_cuda):
+    """The encoder runs on the device asked for ("cpu": exactly as the default, where the encoder is);
+    units come back on the CPU; "cuda" without CUDA fails before the encoder runs."""
+    torch.manual_seed(0)
+    config = HubertConfig.from_preset("toy", conv_dim=(16,) * 7, hidden_size=16, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=32, num_conv_pos_embeddings=8,
+                                      num_conv_pos_embedding_groups=2, num_clusters=0)
+    encoder, km = HuBERT(config).eval(), KMeans(torch.randn(8, 16))
+    wavs = [torch.randn(n) for n in (4000, 7000)]
+    default = speech_to_units(wavs, encoder, 1, km)
+    on_cpu = speech_to_units(wavs, encoder, 1, km, device="cpu")
+    assert all(torch.equal(a, b) and b.device == torch.device("cpu") for a, b in zip(default, on_cpu))
+    assert devices_seen == {torch.device("cpu")}
+    devices_seen.clear()
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        speech_to_units(wavs, encoder, 1, km, device="cuda")
+    assert not devices_seen

@@ -349,3 +349,53 @@ def test_evaluate_vocoder_speech_scores_what_a_listener_hears(monkeypatch):
     assert heard == [2, 2, 2] and "resynthesis_unit_edit_distance" not in scores
     assert scores["whisper_wer"] == scores["whisper_wer_true_durations"] == pytest.approx(3 / 4)
     assert scores["whisper_wer_original"] == 0.0
+
+
+
+def train_briefly(vocoder, **device):
+    """Two steps of the vocoder's trainer (the HiFi-GAN's with its discriminator in the second); the history
+    without its timings, which differ from run to run."""
+    from speechgpt_min.vocoder_training import train_mel_vocoder, train_vocoder
+    data = tone_dataset(num_items=2)
+    if isinstance(vocoder, MelVocoder):
+        history = train_mel_vocoder(vocoder, data, steps=2, batch_size=2, progress=False, **device)
+    else:
+        history = train_vocoder(vocoder, data, steps=2, batch_size=2, segment_frames=4, warmup_steps=1,
+                                progress=False, **device)
+    return [{key: value for key, value in record.items() if key != "seconds"} for record in history]
+
+
+@pytest.mark.parametrize("make", [lambda: MelVocoder(SMALL_MEL), lambda: UnitVocoder(SMALL)], ids=["mel", "hifigan"])
+def test_vocoder_training_follows_the_device(make, devices_seen, no_cuda):
+    """device="cpu" trains exactly as the default; every forward (generator, discriminator) runs on the
+    resolved device, where the vocoder stays; "cuda" without CUDA fails before any work."""
+    torch.manual_seed(0)
+    default = make()
+    default_history = train_briefly(default)
+    torch.manual_seed(0)
+    on_cpu = make()
+    assert train_briefly(on_cpu, device="cpu") == default_history
+    assert all(torch.equal(a, b) for a, b in zip(on_cpu.state_dict().values(), default.state_dict().values()))
+    assert {p.device for p in on_cpu.parameters()} == {torch.device("cpu")}
+    assert devices_seen == {torch.device("cpu")}
+    devices_seen.clear()
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train_briefly(make(), device="cuda")
+    assert not devices_seen
+
+
+def test_vocoder_evaluation_runs_where_the_vocoder_is(devices_seen, monkeypatch):
+    """evaluate_vocoder_speech moves each utterance to the vocoder's device and hands the listener
+    (here speech_to_units) CPU waveforms."""
+    import speechgpt_min.evaluate as evaluate
+    monkeypatch.setattr(evaluate, "whisper_available", lambda: False)
+    torch.manual_seed(0)
+    heard = []
+
+    def ears(wav):  # hears nothing, notes where the waveform was
+        heard.append(wav.device)
+        return []
+
+    evaluate.evaluate_vocoder_speech(MelVocoder(SMALL_MEL).eval(), tone_dataset(num_items=2), ["one", "two"],
+                                     speech_to_units=ears, progress=False)
+    assert heard == [torch.device("cpu")] * 2 and devices_seen == {torch.device("cpu")}
