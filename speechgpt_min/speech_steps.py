@@ -19,9 +19,9 @@ from tqdm import tqdm
 from speechgpt_min.audio import AudioError, load_audio
 from speechgpt_min.data import in_split
 from speechgpt_min.device import fast_bfloat16
-from speechgpt_min.evaluate import (WHISPER_MISSING, cross_voice_similarity, evaluate_asr, evaluate_chain, evenly_spaced,
-                                    evaluate_text_questions, evaluate_tts, evaluate_vocoder_speech, speech_whisper_wer,
-                                    whisper_available)
+from speechgpt_min.evaluate import (WHISPER_MISSING, cross_voice_similarity, evaluate_asr, evaluate_chain,
+                                    evaluate_text_questions, evaluate_tts, evaluate_vocoder_speech, evenly_spaced,
+                                    speech_whisper_wer, whisper_available)
 from speechgpt_min.hubert import HubertConfig
 from speechgpt_min.hubert_training import mfcc_features, train_unit_encoder
 from speechgpt_min.mel_vocoder import MelVocoder, MelVocoderConfig
