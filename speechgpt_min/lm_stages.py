@@ -7,9 +7,11 @@ then to answer a spoken question through text (SpeechGPT's three stages, after t
     step_stage3     chain of modality: spoken question -> transcript -> text answer -> spoken answer (LoRA)
     plot_curves     curves.png: each stage's losses and task scores against the step
 
-Each stage starts from the model the last earlier stage saved (previous_lm_stage: a stage the
-settings skip hands its place on), trains with trainer.train, and saves into STAGE/model (stage 3:
-STAGE/adapter). Each step is step_NAME(args, settings, report, corpus), as in speech_steps.py.
+Stage 0 builds the tokenizer and a new LM (new_language_model); stages 1 and 2 start from the model
+of the last earlier stage that ran (previous_lm_stage: a stage the settings skip hands its place on;
+none: a new LM, or the --init-from weights), and stage 3 adds LoRA to stage 2's. Each trains with
+trainer.train and saves into STAGE/model (stage 3: STAGE/adapter). Each step is
+step_NAME(args, settings, report, corpus), as in speech_steps.py.
 """
 import json
 import random
