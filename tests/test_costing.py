@@ -24,15 +24,14 @@ LLAMA_7B = 6_738_415_616  # LLaMA-7B's parameters at its own vocabulary of 32000
 
 # ----------------------------------------------------------------------------- parameters
 
-def test_7b_count_matches_transformers_llama_and_the_closed_form():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_7b_count_matches_transformers_llama_and_the_closed_form(transformers):
     cfg = speechgpt_config("llama-7b", n_units=1000)
     assert cfg.vocab_size == 32000 + 1000 + 6 == 33006  # SpeechGPT-7B-cm's vocabulary
-    hf_config = LlamaConfig(vocab_size=33006, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
-                            rms_norm_eps=1e-6, tie_word_embeddings=False)
+    hf_config = transformers.LlamaConfig(vocab_size=33006, hidden_size=4096, intermediate_size=11008,
+                                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                                         max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False)
     with torch.device("meta"):
-        hf = LlamaForCausalLM(hf_config)
+        hf = transformers.LlamaForCausalLM(hf_config)
     n_hf = sum(p.numel() for p in hf.parameters())
     assert param_counts(cfg)["total"] == closed_form_params(cfg) == n_hf == 6_746_656_768
     assert n_hf - LLAMA_7B == 2 * 1006 * 4096  # one new row of embed_tokens and of lm_head per added token
@@ -41,15 +40,14 @@ def test_7b_count_matches_transformers_llama_and_the_closed_form():
     assert matmul_params(cfg) == sum(m.weight.numel() for m in hf.modules() if isinstance(m, nn.Linear))
 
 
-def test_released_lora_count_matches_peft():
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_released_lora_count_matches_peft(transformers, peft):
     cfg, lora = speechgpt_config("llama-7b"), LoRAConfig.from_preset("speechgpt")
     with torch.device("meta"):
-        hf = LlamaForCausalLM(LlamaConfig(vocab_size=33006, hidden_size=4096, intermediate_size=11008,
-                                          num_hidden_layers=32, num_attention_heads=32, tie_word_embeddings=False))
-        peft_model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
-                                                   target_modules=["q_proj", "v_proj"]))
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=33006, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+            tie_word_embeddings=False))
+        peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                                             task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"]))
     trainable, total = peft_model.get_nb_trainable_parameters()
     counts = param_counts(cfg, lora)
     assert counts["trainable"] == closed_form_lora_params(cfg, lora) == trainable == 32 * 2 * 8 * (4096 + 4096)

@@ -145,7 +145,8 @@ def test_user_mistakes_get_one_line(tmp_path):
 def test_skipped_stages_hand_their_place_to_the_last_stage_that_ran():
     from argparse import Namespace
 
-    from train import DEFAULTS, UserError, apply_overrides, main, previous_lm_stage
+    from speechgpt_min.lm_stages import previous_lm_stage
+    from train import DEFAULTS, UserError, apply_overrides, main
 
     settings = apply_overrides(DEFAULTS["smoke"], ["stage1.steps=0"])
     with_text, without_text = Namespace(no_text_pretraining=False), Namespace(no_text_pretraining=True)
@@ -160,8 +161,10 @@ def test_stage0_reads_the_text_and_answers_typed_training_questions(small_corpus
     from argparse import Namespace
 
     from speechgpt_min.data import SYSTEM_PROMPT, load_text_corpus
+    from speechgpt_min.lm_stages import stage0_examples
+    from speechgpt_min.run_corpus import Corpus
     from speechgpt_min.tokenizer import Tokenizer
-    from train import DEFAULTS, Corpus, apply_overrides, stage0_examples
+    from train import DEFAULTS, apply_overrides
 
     corpus = Corpus(Namespace(data=small_corpus, out=tmp_path), DEFAULTS["smoke"])
     lines = load_text_corpus(small_corpus / "text_corpus.txt")
