@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from speechgpt_min.costing import STAGES, report as full_size_report, stage_settings
+from speechgpt_min.device import resolve_device
 from speechgpt_min.lm_stages import plot_curves, skipped, step_stage0, step_stage1, step_stage2, step_stage3
 from speechgpt_min.run_corpus import Corpus, UserError
 from speechgpt_min.speech_steps import step_eval, step_units, step_vocoder
@@ -59,8 +60,8 @@ DEFAULTS = {
     "toy": dict(
         units="phones", phone_epochs=[2, 2], phone_recognizer=dict(channels=192),  # the toy's ears (phones.py)
         hubert_preset="toy", n_units=100, hubert_steps=[700], target_layer=0, unit_layer=1,  # with units=hubert
-        lm_preset="toy", lm={}, block_size=256, answer_voice=ANSWER_VOICE, text_replay=0.3, typed_qa=2,
-        stage0=dict(steps=300, batch_size=64, lr=2e-3, min_lr=2e-4, warmup_steps=20),
+        lm_preset="toy", lm={}, block_size=256, answer_voice=ANSWER_VOICE, text_replay=0.3, typed_qa=4,
+        stage0=dict(steps=1000, batch_size=64, lr=2e-3, min_lr=2e-4, warmup_steps=20),
         stage1=dict(steps=0, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=5),  # 0: skipped (README)
         stage2=dict(steps=800, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=20),
         stage3=dict(steps=300, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=10),
@@ -199,6 +200,10 @@ def main(argv=None):
         except ValueError as error:  # an --nproc that no stage's batch, or no node of 8, divides
             raise UserError(str(error)) from None
         return
+    try:  # an unavailable --device: one line now, not a traceback after the units step
+        resolve_device(args.device)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     if args.preset == "speechgpt-7b":
         check_full_size(args)
     torch.set_num_threads(args.threads)

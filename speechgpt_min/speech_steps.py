@@ -13,12 +13,11 @@ and adds its numbers to `report`, which train.py saves as report.json.
 import json
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from speechgpt_min.audio import AudioError, load_audio
 from speechgpt_min.data import in_split
-from speechgpt_min.device import fast_bfloat16
+from speechgpt_min.device import fast_bfloat16, resolve_device
 from speechgpt_min.evaluate import (WHISPER_MISSING, cross_voice_similarity, evaluate_asr, evaluate_chain,
                                     evaluate_text_questions, evaluate_tts, evaluate_vocoder_speech, evenly_spaced,
                                     speech_whisper_wer, whisper_available)
@@ -92,7 +91,7 @@ def learn_phone_units(args, settings, train_rows, wavs, corpus_rows):
     train_features = [f for f, r in zip(features, corpus_rows) if r["split"] == "train"]
     recognizer = train_phone_recognizer(train_features, labels, [r["phones"].split() for _, r in train_rows],
                                         PhoneRecognizerConfig(**settings["phone_recognizer"]),
-                                        epochs=settings["phone_epochs"], seed=args.seed)
+                                        epochs=settings["phone_epochs"], seed=args.seed, device=args.device)
     recognizer.save_pretrained(args.out / "phones")
     print("units: recognising the corpus")
     return recognizer.recognize(features, progress=True), recognizer.config.phones
@@ -103,7 +102,7 @@ def learn_hubert_units(args, settings, train_wavs, wavs, rows, report):
     config = HubertConfig.from_preset(settings["hubert_preset"], num_clusters=settings["n_units"])
     result = train_unit_encoder(train_wavs, config, n_units=settings["n_units"], steps=settings["hubert_steps"],
                                 target_layer=settings["target_layer"], unit_layer=settings["unit_layer"],
-                                seed=args.seed, bf16=fast_bfloat16(torch.device("cpu")))
+                                seed=args.seed, bf16=fast_bfloat16(resolve_device(args.device)), device=args.device)
     encoder, layer, kmeans = result["encoder"], result["layer"], result["kmeans"]
     encoder.save_pretrained(args.out / "hubert")
     kmeans.save_pretrained(args.out / "kmeans")
@@ -115,7 +114,7 @@ def learn_hubert_units(args, settings, train_wavs, wavs, rows, report):
     report["units.layer"] = layer
     report["units.hubert_final_loss"] = [round(sum(l[-10:]) / len(l[-10:]), 4) for l in result["losses"]]
     print("units: encoding the corpus")
-    return speech_to_units(wavs, encoder, layer, kmeans, progress=True), None
+    return speech_to_units(wavs, encoder, layer, kmeans, progress=True, device=args.device), None
 
 
 # ----------------------------------------------------------------------------- vocoder: units -> speech
@@ -137,7 +136,7 @@ def step_vocoder(args, settings, report, corpus):
     print(f"vocoder: {sum(p.numel() for p in vocoder.parameters()) / 1e6:.2f}M parameters, "
           f"{len(train_rows)} training utterances of {voice}")
     items = vocoder_data(args, train_rows, corpus.units(), corpus.units("durations"))
-    history = train_mel_vocoder(vocoder, items, seed=args.seed, **settings["vocoder"])
+    history = train_mel_vocoder(vocoder, items, seed=args.seed, device=args.device, **settings["vocoder"])
     vocoder.save_pretrained(args.out / "vocoder")
     report["vocoder.final_train_mel_l1"] = round(sum(h["mel"] for h in history[-20:]) / len(history[-20:]), 4)
 

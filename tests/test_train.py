@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_KEYS = ["units.pnmi", "units.phone_accuracy", "units.cross_voice_same_text", "units.cross_voice_other_text",
@@ -140,6 +141,10 @@ def test_user_mistakes_get_one_line(tmp_path):
     assert "run the units step first" in result.stderr or "run that stage first" in result.stderr
     result = run_train("--init-from", tmp_path)
     assert result.returncode != 0 and "not an HF model directory" in result.stderr
+    if not torch.cuda.is_available():  # a device this machine lacks: one line, before any step runs
+        result = run_train("--out", tmp_path / "run", "--device", "cuda")
+        assert result.returncode != 0 and "CUDA is not available" in result.stderr and "Traceback" not in result.stderr
+        assert not (tmp_path / "run" / "units.jsonl").exists()
 
 
 def test_skipped_stages_hand_their_place_to_the_last_stage_that_ran():
