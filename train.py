@@ -49,9 +49,12 @@ import torch
 
 from speechgpt_min.costing import STAGES, report as full_size_report, stage_settings
 from speechgpt_min.device import resolve_device
-from speechgpt_min.lm_stages import plot_curves, skipped, step_stage0, step_stage1, step_stage2, step_stage3
+from speechgpt_min.lm_stages import LM_STAGES, plot_curves, skipped, step_stage0, step_stage1, step_stage2, step_stage3
 from speechgpt_min.run_corpus import Corpus, UserError
 from speechgpt_min.speech_steps import step_eval, step_units, step_vocoder
+from speechgpt_min.trainer import TrainConfig
+
+TRAIN_FIELDS = set(TrainConfig.__dataclass_fields__) - {"out_dir", "seed", "device", "resume"}  # train.py's own
 
 ANSWER_VOICE = "fest_kal"  # tiny_data's answer voice: TTS targets and spoken answers
 
@@ -118,7 +121,8 @@ def apply_overrides(settings, assignments):
                 raise UserError(f"--set {key}: {part!r} is not a group of settings; groups: "
                                 f"{', '.join(k for k, v in target.items() if isinstance(v, dict))}")
             target = target[part]
-        if last not in target and path != ["lm"]:  # lm.* may set any LMConfig field
+        any_field = path == ["lm"] or (path and path[0] in LM_STAGES and last in TRAIN_FIELDS)
+        if last not in target and not any_field:  # lm.* any LMConfig field; stageN.* any TrainConfig field
             raise UserError(f"--set {key}: unknown setting {last!r}; settings here: {', '.join(target)}")
         try:
             target[last] = json.loads(value)

@@ -35,8 +35,9 @@ LM_STAGES = ("stage0", "stage1", "stage2", "stage3")
 # ----------------------------------------------------------------------------- what every stage shares
 
 def train_config(args, settings, stage):
+    defaults = dict(eval_every=max(1, settings[stage]["steps"] // 8), checkpoint_every=100)  # --set may change them
     return TrainConfig(out_dir=str(args.out / stage), seed=args.seed, device=args.device, resume=args.resume,
-                       eval_every=max(1, settings[stage]["steps"] // 8), checkpoint_every=100, **settings[stage])
+                       **{**defaults, **settings[stage]})
 
 
 def load_stage(args, stage):
@@ -233,7 +234,7 @@ def plot_curves(run_dir):
         ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="valid loss")
         ax.set(title=stage, xlabel="step", ylabel="loss (nats/token)")
         scores = sorted({k for r in records for k in r} - {"step", "loss", "lr", "grad_norm", "tokens_per_s",
-                                                           "epoch", "val_loss"})
+                                                           "seconds", "epoch", "val_loss"})
         if scores:
             twin = ax.twinx()
             for key in scores:

@@ -99,7 +99,8 @@ def train(model, train_set, cfg, val_set=None, score_tasks=None):
     resumed from (cfg.resume). score_tasks(model) -> {name: score}, optional, runs at every
     evaluation (first process only) on the unwrapped model: what the model can *do* so far, beside
     its loss. Returns the metric records of the steps this call ran, as written to metrics.jsonl:
-    {"step", "loss", "lr", "grad_norm", "tokens_per_s", "epoch"[, "val_loss", task scores]}.
+    {"step", "loss", "lr", "grad_norm", "tokens_per_s", "seconds" (the step's own, evaluation apart), "epoch"[,
+    "val_loss", task scores]}.
     """
     rank, world_size = world()
     if cfg.batch_size % world_size:
@@ -172,7 +173,7 @@ def train(model, train_set, cfg, val_set=None, score_tasks=None):
         (loss_value,) = all_sum([loss_sum], device)
         dt = time.perf_counter() - t0
         record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                  "tokens_per_s": step_tokens / dt, "epoch": order.epoch}
+                  "tokens_per_s": step_tokens / dt, "seconds": dt, "epoch": order.epoch}
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             if val_set:
                 record["val_loss"] = evaluate(model, val_set, cfg, device, autocast)

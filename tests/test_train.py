@@ -132,6 +132,23 @@ def test_settings_can_be_changed_and_mistakes_are_named(tmp_path):
             apply_overrides(DEFAULTS["toy"], [bad])
 
 
+def test_a_stage_takes_any_trainer_setting(tmp_path):
+    """--set stage2.eval_every=5 reaches TrainConfig (a short timing run need not evaluate every step);
+    train.py's own fields (out_dir, seed, device, resume) stay its own."""
+    from argparse import Namespace
+
+    from speechgpt_min.lm_stages import train_config
+    from train import DEFAULTS, UserError, apply_overrides
+
+    settings = apply_overrides(DEFAULTS["toy"], ["stage2.steps=40", "stage2.eval_every=5", "stage2.eval_batches=2"])
+    args = Namespace(out=tmp_path, seed=0, device="cpu", resume=False)
+    cfg = train_config(args, settings, "stage2")
+    assert (cfg.steps, cfg.eval_every, cfg.eval_batches, cfg.checkpoint_every) == (40, 5, 2, 100)
+    assert train_config(args, DEFAULTS["toy"], "stage3").eval_every == DEFAULTS["toy"]["stage3"]["steps"] // 8
+    with pytest.raises(UserError, match="unknown setting 'seed'"):
+        apply_overrides(DEFAULTS["toy"], ["stage2.seed=1"])
+
+
 def test_user_mistakes_get_one_line(tmp_path):
     result = run_train("--data", tmp_path / "nowhere", "--out", tmp_path / "run", "--stage", "units")
     assert result.returncode != 0

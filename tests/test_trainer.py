@@ -98,7 +98,7 @@ def test_metrics_jsonl_and_schedule(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
     assert lines == history and [r["step"] for r in lines] == list(range(1, 13))
     assert [r["step"] for r in lines if "val_loss" in r] == [5, 10, 12]
-    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in lines)
+    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 and r["seconds"] > 0 for r in lines)
     lrs = [lr_at(s, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps) for s in range(12)]
     assert [r["lr"] for r in lines] == lrs
     assert lrs[0] < lrs[2] < lrs[3] == pytest.approx(cfg.lr) and lrs[11] == pytest.approx(cfg.min_lr)
