@@ -91,12 +91,17 @@ def test_the_run_talks(smoke_run):
     whatever it says must come back parsed: the text it generated, and the problems of its format."""
     from speechgpt_min.pipeline import SpeechGPT
 
+    from speechgpt_min.pipeline import parse_response
+
     run_dir, _ = smoke_run
-    result = SpeechGPT.from_run(run_dir, device="cpu").chat(text="what is two plus two", temperature=0,
-                                                             max_new_tokens=8)
+    sgpt = SpeechGPT.from_run(run_dir, device="cpu")
+    result = sgpt.chat(text="what is two plus two", temperature=0, max_new_tokens=8)
     assert result.task == "dialogue" and result.prompt.endswith("[Human]: what is two plus two<eoh>. [SpeechGPT]: ")
-    # an untrained model may say nothing at all: then the parse says what is missing
-    assert result.response.complete or result.response.problems
+    # the reply is the run's LM speaking greedily after that prompt, parsed into its parts
+    said = sgpt.generate(result.prompt, 8, temperature=0)
+    assert result.response == parse_response(said, n_units=sgpt.tokenizer.n_units)
+    if "<eoa>" not in said:  # an untrained model rarely finishes: then the parse says so
+        assert "no <eoa>: the answer was cut off" in result.response.problems
 
 
 @pytest.mark.parametrize("breakage, message", [
