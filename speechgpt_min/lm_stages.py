@@ -104,7 +104,8 @@ def start_lm(args, settings, corpus, stage):
 # ----------------------------------------------------------------------------- the stages
 
 def step_stage0(args, settings, report, corpus):
-    """Text pretraining: next-token prediction on the corpus's text, where the world's facts are stated."""
+    """Text pretraining: next-token prediction on the corpus's text, where the world's facts are stated,
+    and on the typed training questions' answers (stage0_examples)."""
     model, tokenizer = new_language_model(args, settings, corpus)
     train_set = stage0_examples(settings, corpus, tokenizer, model.config.max_seq_len, args.seed)
     valid_sentences, _ = corpus.sentences("valid", answer_voice=None)  # sentences the text corpus never states
