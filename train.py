@@ -64,7 +64,6 @@ DEFAULTS = {
         units="phones", phone_epochs=[2, 2], phone_recognizer=dict(channels=192),  # the toy's ears (phones.py)
         hubert_preset="toy", n_units=100, hubert_steps=[700], target_layer=0, unit_layer=1,  # with units=hubert
         lm_preset="toy", lm={}, block_size=256, answer_voice=ANSWER_VOICE, text_replay=0.3, typed_qa=4,
-        pronounced_asr=0.0, pronounced_noise=0.15, pronounced_span=0,
         stage0=dict(steps=1000, batch_size=64, lr=2e-3, min_lr=2e-4, warmup_steps=20),
         stage1=dict(steps=0, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=5),  # 0: skipped (README)
         stage2=dict(steps=800, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=20),
@@ -83,7 +82,6 @@ DEFAULTS = {
         units="phones", phone_epochs=[1, 1], phone_recognizer=dict(channels=32),
         hubert_preset="toy", n_units=20, hubert_steps=[2, 2], target_layer=2, unit_layer=3,
         lm_preset="toy", lm={}, block_size=64, answer_voice=ANSWER_VOICE, text_replay=0.3, typed_qa=1,
-        pronounced_asr=0.0, pronounced_noise=0.15, pronounced_span=0,
         stage0=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
         stage1=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
         stage2=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),

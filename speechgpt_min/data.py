@@ -168,20 +168,6 @@ def load_text_corpus(path):
     return lines
 
 
-def load_lexicon(path):
-    """How each word is said: {word: [phones]} from lines "word ph ph ..." (tiny_data/lexicon.txt)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file (the pronunciation lexicon; tiny_data/make_tiny_data.py writes one)")
-    lexicon = {}
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        word, *phones = line.split()
-        if not phones:
-            raise DataError(f"{path}:{n}: {word!r} has no phones; expected a line like 'cat k ae t'")
-        lexicon[word] = phones
-    return lexicon
-
-
 def check_corpus(data_dir, splits=("train", "valid", "test")):
     """Everything about a corpus directory that would stop a run later, found before any training.
 
@@ -303,36 +289,6 @@ def stage2_dialogues(rows, units, seed=0, tts_voice=None):
         if tts_voice is None or row.get("voice") == tts_voice:
             dialogues.append(tts_dialogue(row["text"], u, rng.choice(TTS_INSTRUCTIONS)))
         dialogues.append(asr_dialogue(u, row["text"], rng.choice(ASR_INSTRUCTIONS)))
-    return dialogues
-
-
-def pronounced_asr_dialogues(texts, lexicon, phones, noise=0.0, seed=0):
-    """ASR with no audio: each text's pronunciation (its words' phones from `lexicon`, a pause either
-    side) spelled as phone units, unit id i being phones[i], repeats merged as the recogniser's are.
-    A fraction `noise` of the phones is heard wrong, half swapped for a random phone and half lost,
-    as real units are (the toy's units miss 4-35% of the phones, by voice).
-
-    "the cat" -> pau dh ax k ae t pau -> <sosp><28><9><3><22><1><33><28><eosp> -> ASR "the cat"
-    """
-    rng = random.Random(seed)
-    unit_id = {phone: i for i, phone in enumerate(phones)}
-    dialogues = []
-    for text in texts:
-        unknown = [w for w in text.split() if w not in lexicon]
-        if unknown:
-            raise DataError(f"the lexicon does not say how to pronounce {unknown[0]!r} (in {text!r})")
-        said = ["pau", *(phone for word in text.split() for phone in lexicon[word]), "pau"]
-        if any(phone not in unit_id for phone in said):
-            raise DataError(f"{text!r}: the lexicon's phone {next(p for p in said if p not in unit_id)!r} is not "
-                            f"one of the units' phones")
-        heard = []
-        for phone in said:
-            chance = rng.random()
-            if chance < noise / 2:
-                continue  # lost
-            heard.append(rng.randrange(len(phones)) if chance < noise else unit_id[phone])
-        merged = [u for i, u in enumerate(heard) if i == 0 or u != heard[i - 1]]
-        dialogues.append(asr_dialogue(merged, text, rng.choice(ASR_INSTRUCTIONS)))
     return dialogues
 
 

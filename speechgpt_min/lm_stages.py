@@ -16,9 +16,9 @@ step_NAME(args, settings, report, corpus), as in speech_steps.py.
 import json
 import random
 
-from speechgpt_min.data import (ASR_INSTRUCTIONS, SYSTEM_PROMPT, TTS_INSTRUCTIONS, DataError, encode_dialogues,
-                                in_split, pack_blocks, pronounced_asr_dialogues, stage0_texts, stage1_texts,
-                                stage2_dialogues, stage3_dialogues, text_examples)
+from speechgpt_min.data import (ASR_INSTRUCTIONS, SYSTEM_PROMPT, TTS_INSTRUCTIONS, encode_dialogues, in_split,
+                                pack_blocks, stage0_texts, stage1_texts, stage2_dialogues, stage3_dialogues,
+                                text_examples)
 from speechgpt_min.evaluate import (evaluate_asr, evaluate_chain, evaluate_text_questions, evenly_spaced,
                                     fact_completion_accuracy, unigram_loss)
 from speechgpt_min.lora import LoRAConfig, inject, save_adapter
@@ -176,10 +176,6 @@ def step_stage2(args, settings, report, corpus):
         text = stage0_examples(settings, corpus, tokenizer, context, args.seed + 1)
         train_set += text[:int(settings["text_replay"] * len(train_set))]
         print(f"stage2: {len(train_set)} training examples, text replay {settings['text_replay']}")
-    if settings["pronounced_asr"] > 0:
-        n_speech = len(dialogues["train"])
-        train_set += pronounced_examples(settings, corpus, tokenizer, context, int(settings["pronounced_asr"] * n_speech),
-                                         args.seed)
     others, _ = corpus.sentences("valid", voice)
     watched = [(units[r["id"]], r["text"]) for r in evenly_spaced(others, settings["watch"])]
 
@@ -192,32 +188,6 @@ def step_stage2(args, settings, report, corpus):
     report["stage2.val_loss"] = val_loss(history)
     print(f"stage2: validation loss {report['stage2.val_loss']}, ASR CER on {len(watched)} valid "
           f"sentences {history[-1].get('asr_cer')}")
-
-
-def pronounced_examples(settings, corpus, tokenizer, context, n, seed):
-    """Up to n ASR examples with no audio: lines of the text corpus (none a held-out text) pronounced
-    with the lexicon as phone units, a fraction pronounced_noise of them heard wrong (data.py). Each
-    shows the model words in contexts the recorded speech never gave it."""
-    phones = corpus.phones()
-    if phones is None:
-        raise UserError("pronounced_asr spells text as phone units: it needs units=phones (or pronounced_asr=0)")
-    held_out = corpus.held_out_texts()
-    texts = [t for t in stage0_texts(corpus.text_corpus(), seed) if t not in held_out][:n]
-    if settings["pronounced_span"]:  # a span of 1..pronounced_span words of each line: short, easy to align
-        rng = random.Random(seed)
-        spans = []
-        for text in texts:
-            words = text.split()
-            length = rng.randint(1, min(settings["pronounced_span"], len(words)))
-            start = rng.randint(0, len(words) - length)
-            spans.append(" ".join(words[start:start + length]))
-        texts = spans
-    try:
-        dialogues = pronounced_asr_dialogues(texts, corpus.lexicon(), phones, settings["pronounced_noise"], seed)
-    except DataError as error:
-        raise UserError(str(error)) from None
-    print(f"stage2: {len(dialogues)} pronounced ASR examples (noise {settings['pronounced_noise']})")
-    return encode_dialogues(tokenizer, dialogues, context)
 
 
 def step_stage3(args, settings, report, corpus):

@@ -8,9 +8,7 @@
 A mistake in the command line or the inputs is a UserError: train.py prints it as one line. Every
 step raises it (speech_steps.py, lm_stages.py), so it lives here, below them all.
 """
-import json
-
-from speechgpt_min.data import DataError, check_corpus, load_lexicon, load_text_corpus
+from speechgpt_min.data import DataError, check_corpus, load_text_corpus
 from speechgpt_min.units import read_run_units
 
 
@@ -35,22 +33,6 @@ class Corpus:
             return load_text_corpus(self.data / "text_corpus.txt")
         except DataError as error:
             raise UserError(f"{error}; or skip stage 0 with --no-text-pretraining") from None
-
-    def lexicon(self):
-        try:
-            return load_lexicon(self.data / "lexicon.txt")
-        except DataError as error:
-            raise UserError(f"{error}; or train without pronounced text (--set pronounced_asr=0)") from None
-
-    def held_out_texts(self):
-        """Every text of a held-out utterance or pair: what no training example may contain."""
-        texts = {r["text"] for r in self.rows if r["split"] != "train"}
-        return texts | {p[side]["text"] for p in self.pairs if p["split"] != "train" for side in ("question", "answer")}
-
-    def phones(self):
-        """The phone units' inventory (unit id i is phones[i]), or None for k-means units."""
-        path = self.run / "phones" / "config.json"
-        return json.loads(path.read_text())["phones"] if path.is_file() else None
 
     def n_units(self):
         """K, the unit vocabulary: the phone recogniser's phones, or the k-means size."""

@@ -8,8 +8,8 @@ import torch
 from speechgpt_min.data import (
     ASR_INSTRUCTIONS, CHAIN_TEMPLATE, CHAIN_VARIANTS, SYSTEM_PROMPT, TTS_INSTRUCTIONS, DataError, Dialogue, Example,
     asr_dialogue, chain_dialogue, collate, encode_dialogue, encode_dialogues, encode_prompt, in_split,
-    inference_prompt, load_lexicon, load_manifest, load_pairs, n_targets, pack_blocks, pronounced_asr_dialogues,
-    speech_text, stage1_texts, stage2_dialogues, stage3_dialogues, tts_dialogue,
+    inference_prompt, load_manifest, load_pairs, n_targets, pack_blocks, speech_text, stage1_texts,
+    stage2_dialogues, stage3_dialogues, tts_dialogue,
 )
 from speechgpt_min.model import IGNORE_INDEX
 from speechgpt_min.tokenizer import Tokenizer
@@ -224,43 +224,3 @@ def test_encoded_tiny_data_batches(tiny_data):
     assert batch["input_ids"].shape == batch["labels"].shape == (4, int(batch["lengths"].max()))
     assert int((batch["labels"] != IGNORE_INDEX).sum()) == sum(n_targets(e) for e in examples[:4])
     assert batch["input_ids"].dtype == torch.long and isinstance(dialogues[0], Dialogue)
-
-
-# ----------------------------------------------------------------------------- pronounced text
-
-PHONES = ["pau", "dh", "ax", "k", "ae", "t"]
-LEXICON = {"the": ["dh", "ax"], "cat": ["k", "ae", "t"], "tat": ["t", "ae", "t"]}
-
-
-def test_pronounced_asr_spells_the_lexicon_as_phone_units():
-    (d,) = pronounced_asr_dialogues(["the cat"], LEXICON, PHONES)
-    assert d.task == "asr" and d.response == "the cat<eoa>"
-    assert speech_text([0, 1, 2, 3, 4, 5, 0]) in d.prompt  # pau dh ax k ae t pau
-    (d,) = pronounced_asr_dialogues(["tat tat"], LEXICON, PHONES)
-    assert speech_text([0, 5, 4, 5, 4, 5, 0]) in d.prompt  # t ae t t ae t: the two t's merge, as units do
-
-
-def test_pronounced_asr_noise_loses_and_swaps_that_fraction():
-    def speech(dialogue):
-        return dialogue.prompt[dialogue.prompt.index("<sosp>"):dialogue.prompt.index("<eosp>")]
-
-    texts = ["the cat the cat"] * 2000  # 12 phones each
-    clean = speech(pronounced_asr_dialogues(texts[:1], LEXICON, PHONES)[0])
-    noisy = pronounced_asr_dialogues(texts, LEXICON, PHONES, noise=0.2, seed=3)
-    changed = sum(speech(d) != clean for d in noisy) / len(noisy)
-    wrong = 0.1 + 0.1 * 5 / 6  # lost, or swapped for one of the 5 other phones
-    assert abs(changed - (1 - (1 - wrong) ** 12)) < 0.03  # P(some phone of the 12 is heard wrong)
-    assert noisy == pronounced_asr_dialogues(texts, LEXICON, PHONES, noise=0.2, seed=3)
-
-
-def test_pronounced_asr_errors_name_the_word_or_phone(tmp_path):
-    with pytest.raises(DataError, match="does not say how to pronounce 'dog'"):
-        pronounced_asr_dialogues(["the dog"], LEXICON, PHONES)
-    with pytest.raises(DataError, match="phone 'k' is not one of the units' phones"):
-        pronounced_asr_dialogues(["the cat"], LEXICON, ["pau", "dh", "ax"])
-    path = tmp_path / "lexicon.txt"
-    path.write_text("cat k ae t\nthe\n")
-    with pytest.raises(DataError, match=r"lexicon.txt:2: 'the' has no phones"):
-        load_lexicon(path)
-    path.write_text("cat k ae t\n")
-    assert load_lexicon(path) == {"cat": ["k", "ae", "t"]}

@@ -10,7 +10,6 @@ What it makes (all committed, so nothing needs a TTS engine at run time):
   facts.jsonl                  every fact of the world: fact, skill, answer, where ("speech" or "text_only")
   text_corpus.txt              the world in text (stage 0, the toy's stand-in for LLaMA's pretraining):
                                every fact stated in many forms, and sentences of the world
-  lexicon.txt                  every word and its phones, as festival's kal voice says the word alone
 
 Design, so that small models can generalise from it, and be tested on what they did not see:
   - a closed world of about 400 words, every word used in many sentences;
@@ -397,14 +396,6 @@ def pronunciations(texts, workdir):
     return dict(zip(texts, phones))
 
 
-def lexicon(texts, workdir):
-    """{word: "m ay"}: each word of `texts` as festival's answer voice says it alone (pauses dropped).
-    The LM's stage 2 pronounces text with it: ASR examples with no audio (speechgpt_min/data.py)."""
-    words = sorted({w for text in texts for w in text.split()})
-    said = pronunciations(words, workdir)
-    return {w: " ".join(p for p in said[w].split() if p != "pau") for w in words}
-
-
 # ----------------------------------------------------------------------------- assembly
 
 class Utterances:
@@ -484,7 +475,6 @@ def build(out_dir, jobs, n_train_sentences, lossless_copy=None):
                 print(f"  [{n}/{len(chunks)}] {voice}: {len(result)} utterances", flush=True)
                 rendered.update(result)
         phones = pronunciations(sorted({u["text"] for u in utterances}), workdir)
-        words = lexicon([u["text"] for u in utterances] + text_corpus, workdir)
 
     for sub in ("audio", "alignments"):
         shutil.rmtree(out_dir / sub, ignore_errors=True)
@@ -512,9 +502,8 @@ def build(out_dir, jobs, n_train_sentences, lossless_copy=None):
     write_jsonl(out_dir / "facts.jsonl", [{"fact": key, "skill": skill, "answer": SKILLS[skill][1].format(**slots),
                                            "where": where} for skill, key, slots, where in facts])
     (out_dir / "text_corpus.txt").write_text("\n".join(text_corpus) + "\n")
-    (out_dir / "lexicon.txt").write_text("".join(f"{w} {p}\n" for w, p in words.items()))
     if lossless_copy is not None:
-        for name in ("qa.jsonl", "facts.jsonl", "text_corpus.txt", "lexicon.txt"):
+        for name in ("qa.jsonl", "facts.jsonl", "text_corpus.txt"):
             shutil.copy(out_dir / name, lossless_copy / name)
         write_jsonl(lossless_copy / "manifest.jsonl", [{**m, "audio": m["audio"][:-4] + ".flac"} for m in manifest])
         shutil.copytree(out_dir / "alignments", lossless_copy / "alignments", dirs_exist_ok=True)
