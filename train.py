@@ -58,7 +58,7 @@ TRAIN_FIELDS = set(TrainConfig.__dataclass_fields__) - {"out_dir", "seed", "devi
 
 ANSWER_VOICE = "fest_kal"  # tiny_data's answer voice: TTS targets and spoken answers
 
-# The embedded default: the toy preset on tiny_data, sized for minutes on 2 CPU cores.
+# The embedded default: the toy preset on tiny_data, sized for about an hour on 2 CPU cores.
 DEFAULTS = {
     "toy": dict(
         units="phones", phone_epochs=[2, 2], phone_recognizer=dict(channels=192),  # the toy's ears (phones.py)
@@ -66,8 +66,8 @@ DEFAULTS = {
         lm_preset="toy", lm={}, block_size=256, answer_voice=ANSWER_VOICE, text_replay=0.3, typed_qa=4,
         stage0=dict(steps=1000, batch_size=64, lr=2e-3, min_lr=2e-4, warmup_steps=20),
         stage1=dict(steps=0, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=5),  # 0: skipped (README)
-        stage2=dict(steps=800, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=20),
-        stage3=dict(steps=300, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=10),
+        stage2=dict(steps=3000, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=20),   # still learning at 3000
+        stage3=dict(steps=1500, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=10),  # (docs/recipe.md §6)
         lora="toy",
         # the mel vocoder on the answer voice: 1000 steps of 4 utterances, about a minute (README, vocoder)
         vocoder_preset="toy", vocoder=dict(steps=1000, batch_size=4, lr=4e-3),
@@ -137,7 +137,7 @@ def parse_args(argv=None):
     parser.add_argument("--stage", choices=["all", *STEPS], default="all",
                         help="run one step (from the previous step's output in --out), or all of them (default)")
     parser.add_argument("--preset", choices=sorted(DEFAULTS), default="toy",
-                        help="model sizes and step budgets (default: toy, sized for minutes on 2 CPU cores; smoke: a few "
+                        help="model sizes and step budgets (default: toy, sized for about an hour on 2 CPU cores; smoke: a few "
                              "steps of each; speechgpt-7b: the paper's LLaMA-7B recipe, on GPUs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="change one setting of the preset, e.g. stage2.steps=900 or lm.dim=192 (repeatable)")

@@ -238,9 +238,9 @@ def plot_curves(run_dir):
                                                            "seconds", "epoch", "val_loss"})
         if scores:
             twin = ax.twinx()
-            for key in scores:
+            for key, color in zip(scores, ("C3", "C2", "C4", "C5")):
                 scored = [r for r in records if key in r]
-                twin.plot([r["step"] for r in scored], [r[key] for r in scored], "s--", color="C3", label=key)
+                twin.plot([r["step"] for r in scored], [r[key] for r in scored], "s--", color=color, label=key)
             twin.set(ylabel=", ".join(scores), ylim=(0, max(1.0, max(r[k] for r in records for k in scores if k in r))))
             twin.legend(loc="center right", fontsize=8)
         ax.legend(loc="upper right", fontsize=8)
