@@ -14,7 +14,8 @@ REPORT_KEYS = ["units.pnmi", "units.phone_accuracy", "units.cross_voice_same_tex
                "stage2.asr_wer", "stage2.asr_cer", "stage2.tts_unit_edit_distance", "stage3.transcript_wer",
                "stage3.answer_accuracy", "stage3.speech_answer_unit_edit_distance", "stage3.well_formed",
                "stage3.text_answer_accuracy", "stage3.knowledge_accuracy", "stage3.knowledge_accuracy_unseen_voice",
-               "stage3.knowledge_text_accuracy", "vocoder.mel_l1", "vocoder.rtf", "stage2.asr_wer_unseen_voice",
+               "stage3.knowledge_text_accuracy", "stage3.knowledge_lookup_accuracy",
+               "stage3.knowledge_lookup_accuracy_unseen_voice", "stage3.knowledge_lookup_text_accuracy", "vocoder.mel_l1", "vocoder.rtf", "stage2.asr_wer_unseen_voice",
                "stage3.answer_accuracy_unseen_voice", "wall_seconds"]
 
 
@@ -28,8 +29,11 @@ def slice_corpus(out, tiny_data):
     question/answer pairs of every split, and the start of the text corpus."""
     rows = [json.loads(line) for line in (tiny_data / "manifest.jsonl").read_text().splitlines()]
     pairs = [json.loads(line) for line in (tiny_data / "qa.jsonl").read_text().splitlines()]
-    chosen_pairs = [p for split, n in (("train", 6), ("valid", 2), ("test", 2), ("test_knowledge", 2))
-                    for p in [p for p in pairs if p["split"] == split and p["question"]["audio"]][:n]]
+    spoken = [p for p in pairs if p["question"]["audio"]]
+    chosen_pairs = [p for split, n in (("train", 6), ("valid", 2), ("test", 2))
+                    for p in [p for p in spoken if p["split"] == split][:n]]
+    knowledge = [p for p in spoken if p["split"] == "test_knowledge"]  # a sum, and a fact to look up
+    chosen_pairs += [next(p for p in knowledge if p["skill"] == "plus"), next(p for p in knowledge if p["skill"] == "opposite")]
     ids = {a for p in chosen_pairs for side in ("question", "answer") for a in p[side]["audio"]}
     for split, n in (("train", 8), ("valid", 2), ("test", 6), ("test_unseen_voice", 2)):
         ids |= {r["id"] for r in [r for r in rows if r["kind"] == "sent" and r["split"] == split][:n]}
