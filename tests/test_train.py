@@ -15,8 +15,9 @@ REPORT_KEYS = ["units.pnmi", "units.phone_accuracy", "units.cross_voice_same_tex
                "stage3.answer_accuracy", "stage3.speech_answer_unit_edit_distance", "stage3.well_formed",
                "stage3.text_answer_accuracy", "stage3.knowledge_accuracy", "stage3.knowledge_accuracy_unseen_voice",
                "stage3.knowledge_text_accuracy", "stage3.knowledge_lookup_accuracy",
-               "stage3.knowledge_lookup_accuracy_unseen_voice", "stage3.knowledge_lookup_text_accuracy", "vocoder.mel_l1", "vocoder.rtf", "stage2.asr_wer_unseen_voice",
-               "stage3.answer_accuracy_unseen_voice", "wall_seconds"]
+               "stage3.knowledge_lookup_accuracy_unseen_voice", "stage3.knowledge_lookup_text_accuracy",
+               "vocoder.mel_l1", "vocoder.rtf", "stage2.asr_wer_unseen_voice", "stage3.answer_accuracy_unseen_voice",
+               "wall_seconds"]
 
 
 def run_train(*args):
@@ -33,7 +34,7 @@ def slice_corpus(out, tiny_data):
     chosen_pairs = [p for split, n in (("train", 6), ("valid", 2), ("test", 2))
                     for p in [p for p in spoken if p["split"] == split][:n]]
     knowledge = [p for p in spoken if p["split"] == "test_knowledge"]  # a sum, and a fact to look up
-    chosen_pairs += [next(p for p in knowledge if p["skill"] == "plus"), next(p for p in knowledge if p["skill"] == "opposite")]
+    chosen_pairs += [next(p for p in knowledge if p["skill"] == skill) for skill in ("plus", "opposite")]
     ids = {a for p in chosen_pairs for side in ("question", "answer") for a in p[side]["audio"]}
     for split, n in (("train", 8), ("valid", 2), ("test", 6), ("test_unseen_voice", 2)):
         ids |= {r["id"] for r in [r for r in rows if r["kind"] == "sent" and r["split"] == split][:n]}
@@ -93,9 +94,7 @@ def test_resume_skips_finished_steps(smoke_run, small_corpus):
 def test_the_run_talks(smoke_run):
     """The smoke run's model is untrained, so its words are noise; but the whole chain must run and
     whatever it says must come back parsed: the text it generated, and the problems of its format."""
-    from speechgpt_min.pipeline import SpeechGPT
-
-    from speechgpt_min.pipeline import parse_response
+    from speechgpt_min.pipeline import SpeechGPT, parse_response
 
     run_dir, _ = smoke_run
     sgpt = SpeechGPT.from_run(run_dir, device="cpu")
