@@ -62,6 +62,7 @@ ANSWER_VOICE = "fest_kal"  # tiny_data's answer voice: TTS targets and spoken an
 DEFAULTS = {
     "toy": dict(
         units="phones", phone_epochs=[2, 2], phone_recognizer=dict(channels=192),  # the toy's ears (phones.py)
+        phone_speeds=[0.9, 1.1],   # speed-perturbed copies of the training speech in its round 2
         hubert_preset="toy", n_units=100, hubert_steps=[700], target_layer=0, unit_layer=1,  # with units=hubert
         lm_preset="toy", lm={}, block_size=256, answer_voice=ANSWER_VOICE, text_replay=0.3, typed_qa=4,
         stage0=dict(steps=1000, batch_size=64, lr=2e-3, min_lr=2e-4, warmup_steps=20),
@@ -79,7 +80,7 @@ DEFAULTS = {
     ),
     # A few steps of everything: checks that the pipeline runs end to end (the tests use it).
     "smoke": dict(
-        units="phones", phone_epochs=[1, 1], phone_recognizer=dict(channels=32),
+        units="phones", phone_epochs=[1, 1], phone_recognizer=dict(channels=32), phone_speeds=[1.1],
         hubert_preset="toy", n_units=20, hubert_steps=[2, 2], target_layer=2, unit_layer=3,
         lm_preset="toy", lm={}, block_size=64, answer_voice=ANSWER_VOICE, text_replay=0.3, typed_qa=1,
         stage0=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),

@@ -11,7 +11,10 @@ toy hears through phones, learnt the way speech recognisers bootstrap:
     model      dilated 1-D convolutions over the frames -> a phone per 20 ms frame
     round 1    learn the frames of the voices festival aligned (its phone alignments)
     round 2    forced-align every other training utterance: its phones are known from its text (the
-               corpus's pronunciation), round 1's posteriors place them in time (Viterbi); learn all
+               corpus's pronunciation), round 1's posteriors place them in time (Viterbi); learn all.
+               Speed-perturbed copies of the training speech (`speed_perturbed`: train.py adds each
+               utterance 0.9x and 1.1x as fast, so pace, pitch and formants move as in another
+               speaker) join round 2 as utterances with no alignment: new voices are heard better
     units      the most likely phone of each frame, repeats merged: <sosp><12><7>...<eosp>, ids
                into the phone list, exactly as k-means units are spelled; durations for the vocoder
 
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .audio import SAMPLE_RATE, resample
 from .device import resolve_device
 from .hubert_training import mfcc_features
 from .presets import config_from_preset
@@ -71,6 +75,15 @@ PRESETS = {
 def n_frames(wav):
     """Frames of a waveform at 50 Hz, as HuBERT's conv front end counts them: floor((T - 400) / 320) + 1."""
     return (len(wav) - 400) // 320 + 1
+
+
+def speed_perturbed(wav, factor):
+    """wav (T,) at 16 kHz played `factor` times as fast (Kaldi's speed perturbation): resampled as if
+    recorded at 16000 * factor Hz, so it lasts T / factor samples and every frequency (pitch and
+    formants) is `factor` times higher. -> (about T / factor,) float32 tensor."""
+    if factor <= 0:
+        raise ValueError(f"a speed factor must be positive, got {factor}")
+    return torch.from_numpy(resample(np.asarray(wav, dtype=np.float64), round(SAMPLE_RATE * factor), SAMPLE_RATE)).float()
 
 
 def normalised_mfcc(wav):

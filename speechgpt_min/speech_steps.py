@@ -20,11 +20,12 @@ from speechgpt_min.data import in_split
 from speechgpt_min.device import fast_bfloat16, resolve_device
 from speechgpt_min.evaluate import (WHISPER_MISSING, cross_voice_similarity, evaluate_asr, evaluate_chain,
                                     evaluate_text_questions, evaluate_tts, evaluate_vocoder_speech, evenly_spaced,
-                                    speech_whisper_wer, whisper_available)
+                                    speech_whisper_wer, unit_edit_distance, whisper_available)
 from speechgpt_min.hubert import HubertConfig
 from speechgpt_min.hubert_training import mfcc_features, train_unit_encoder
 from speechgpt_min.mel_vocoder import MelVocoder, MelVocoderConfig
-from speechgpt_min.phones import PhoneRecognizerConfig, n_frames, normalised_mfcc, train_phone_recognizer
+from speechgpt_min.phones import (PhoneRecognizerConfig, n_frames, normalised_mfcc, speed_perturbed,
+                                  train_phone_recognizer)
 from speechgpt_min.pipeline import PipelineError, SpeechGPT
 from speechgpt_min.run_corpus import UserError
 from speechgpt_min.units import dedup, frame_phones, read_segs, score_units, speech_to_units
@@ -69,6 +70,11 @@ def step_units(args, settings, report, corpus):
                 hits = [names[int(u)] == p for i in picked for u, p in
                         zip(frame_units[i], frame_phones(read_segs(args.data / rows[i]["alignment"]), len(frame_units[i])))]
                 report[f"units.phone_accuracy{suffix}"] = round(sum(hits) / len(hits), 4)
+    if names is not None:  # phone units, in every voice: how many of the text's phones they get wrong
+        for split, suffix in (("test_unseen_voice", ""), ("test", "_seen_voices")):
+            picked = [(frame_units[i], r["phones"]) for i, r in enumerate(rows) if r["split"] == split and r.get("phones")]
+            if picked:
+                report[f"units.phone_error_rate{suffix}"] = round(phone_error_rate(picked, names), 4)
     # Does a sentence read by two voices give alike units? (PNMI, on festival voices only, does not say.)
     similarity = cross_voice_similarity([(r["text"], r["voice"], merged[r["id"]]) for r in rows])
     if similarity is not None:
@@ -80,6 +86,15 @@ def step_units(args, settings, report, corpus):
           f"overlap {report.get('units.cross_voice_same_text')} (two sentences: {report.get('units.cross_voice_other_text')})")
 
 
+def phone_error_rate(utterances, names):
+    """utterances: (phone ids per frame (T,), the text's pronunciation "pau m ay ...") -> edits between the
+    recognised phones and the pronounced ones, repeats merged and pauses left out, over the pronounced."""
+    def spoken(phones):  # repeats merged, then pauses dropped
+        return [p for i, p in enumerate(phones) if p != "pau" and (i == 0 or p != phones[i - 1])]
+    return unit_edit_distance([spoken(said.split()) for _, said in utterances],
+                              [spoken([names[int(u)] for u in frames]) for frames, _ in utterances])
+
+
 def learn_phone_units(args, settings, train_rows, wavs, corpus_rows):
     """The toy's ears: a phone recogniser, from festival's alignments and forced alignment (phones.py)."""
     labels = [frame_phones(read_segs(args.data / r["alignment"]), n_frames(w)) if r.get("alignment") else None
@@ -89,7 +104,13 @@ def learn_phone_units(args, settings, train_rows, wavs, corpus_rows):
                         "text's pronunciation) on every training utterance; or use --set units=hubert")
     features = [normalised_mfcc(w) for w in tqdm(wavs, desc="MFCC")]
     train_features = [f for f, r in zip(features, corpus_rows) if r["split"] == "train"]
-    recognizer = train_phone_recognizer(train_features, labels, [r["phones"].split() for _, r in train_rows],
+    pronunciations = [r["phones"].split() for _, r in train_rows]
+    # Speed-perturbed copies of the training speech: no alignment of their own, round 2 force-aligns them.
+    speeds = settings["phone_speeds"]
+    train_features += [normalised_mfcc(speed_perturbed(w, speed)) for speed in speeds
+                       for w, _ in tqdm(train_rows, desc=f"MFCC at speed {speed}")]
+    labels, pronunciations = labels + [None] * len(speeds) * len(train_rows), pronunciations * (1 + len(speeds))
+    recognizer = train_phone_recognizer(train_features, labels, pronunciations,
                                         PhoneRecognizerConfig(**settings["phone_recognizer"]),
                                         epochs=settings["phone_epochs"], seed=args.seed, device=args.device)
     recognizer.save_pretrained(args.out / "phones")

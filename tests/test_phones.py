@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from speechgpt_min.phones import (
-    PhoneRecognizer, PhoneRecognizerConfig, forced_align, forced_align_batch, normalised_mfcc, train_phone_recognizer,
+    PhoneRecognizer, PhoneRecognizerConfig, forced_align, forced_align_batch, normalised_mfcc, speed_perturbed,
+    train_phone_recognizer,
 )
 
 
@@ -21,6 +22,19 @@ def brute_force_align(log_probs, ids):
         if score > best:
             best, best_path = score, path
     return best_path
+
+
+def test_speed_perturbation_shortens_and_raises_every_frequency():
+    t = torch.arange(16000) / 16000
+    tone = torch.sin(2 * torch.pi * 200 * t)  # one second at 200 Hz
+    for factor in (0.9, 1.1):
+        faster = speed_perturbed(tone, factor)
+        assert abs(len(faster) - 16000 / factor) <= 1
+        spectrum = torch.fft.rfft(faster * torch.hann_window(len(faster))).abs()
+        peak_hz = int(spectrum.argmax()) * 16000 / len(faster)
+        assert abs(peak_hz - 200 * factor) < 3, (factor, peak_hz)
+    with pytest.raises(ValueError, match="must be positive"):
+        speed_perturbed(tone, 0)
 
 
 def test_forced_align_is_the_best_monotonic_path():

@@ -10,6 +10,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_KEYS = ["units.pnmi", "units.phone_accuracy", "units.cross_voice_same_text", "units.cross_voice_other_text",
+               "units.phone_error_rate", "units.phone_error_rate_seen_voices",
                "stage0.val_loss", "stage0.fact_accuracy", "stage0.typed_accuracy", "stage1.val_loss", "stage1.unigram_val_loss",
                "stage2.asr_wer", "stage2.asr_cer", "stage2.tts_unit_edit_distance", "stage3.transcript_wer",
                "stage3.answer_accuracy", "stage3.speech_answer_unit_edit_distance", "stage3.well_formed",
@@ -82,6 +83,16 @@ def test_every_step_writes_its_part_and_the_report(smoke_run):
     units = [json.loads(line) for line in (run_dir / "units.jsonl").read_text().splitlines()]
     assert all(len(u["units"]) == len(u["durations"]) > 0 for u in units)
     assert 0.0 <= report["units.pnmi"] <= 1.0 and report["vocoder.rtf"] > 0
+
+
+def test_phone_error_rate_merges_repeats_and_leaves_out_pauses():
+    from speechgpt_min.speech_steps import phone_error_rate
+
+    names = ["pau", "k", "ae", "t", "d"]
+    cat = torch.tensor([0, 0, 1, 1, 2, 2, 2, 3, 0])  # frames: pau pau k k ae ae ae t pau
+    assert phone_error_rate([(cat, "pau k ae t pau")], names) == 0.0
+    cad = torch.tensor([1, 2, 0, 4])  # k ae pau d: one of three phones wrong
+    assert phone_error_rate([(cat, "k ae t"), (cad, "k ae t")], names) == 1 / 6
 
 
 def test_resume_skips_finished_steps(smoke_run, small_corpus):
