@@ -11,7 +11,9 @@ Steps, in order (each writes into the run directory and adds its numbers to repo
           how alike one sentence's units are in two voices.
   stage0  text pretraining: the LM learns the corpus's text and answers the training questions typed
           (the toy's stand-in for what LLaMA brings: the world's facts, learnt from text, and answering
-          in text). --no-text-pretraining skips it.
+          in text). The toy preset skips it, stage0.steps=0: in the toy it has not yet carried a fact
+          from text to speech, and every speech score is better without it (docs/recipe.md §9);
+          --set stage0.steps=1000 runs it. --no-text-pretraining skips it in any preset.
   stage1  modality adaptation: the LM learns unit sequences of the training speech (the toy preset
           skips it, stage1.steps=0: in its budget it slowed stage 2 down; docs/recipe.md).
   stage2  cross-modal instruction: ASR (every voice) and TTS (the answer voice), every weight trained.
@@ -65,8 +67,8 @@ DEFAULTS = {
         phone_speeds=[0.9, 1.1],   # speed-perturbed copies of the training speech in its round 2
         hubert_preset="toy", n_units=100, hubert_steps=[700], target_layer=0, unit_layer=1,  # with units=hubert
         lm_preset="toy", lm={}, block_size=256, answer_voice=ANSWER_VOICE, text_replay=0.3, typed_qa=4,
-        stage0=dict(steps=1000, batch_size=64, lr=2e-3, min_lr=2e-4, warmup_steps=20),
-        stage1=dict(steps=0, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=5),  # 0: skipped (README)
+        stage0=dict(steps=0, batch_size=64, lr=2e-3, min_lr=2e-4, warmup_steps=20),  # 0: skipped; 1000 to run it
+        stage1=dict(steps=0, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=5),   # 0: skipped (recipe §3, §9)
         stage2=dict(steps=3000, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=20),   # still learning at 3000
         stage3=dict(steps=1500, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=10),  # (docs/recipe.md §6)
         lora="toy",
