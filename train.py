@@ -58,7 +58,7 @@ from speechgpt_min.trainer import TrainConfig
 
 TRAIN_FIELDS = set(TrainConfig.__dataclass_fields__) - {"out_dir", "seed", "device", "resume"}  # train.py's own
 
-ANSWER_VOICE = "fest_kal"  # tiny_data's answer voice: TTS targets and spoken answers
+ANSWER_VOICE = "fest_slt"  # tiny_data's answer voice: TTS targets and spoken answers
 
 # The embedded default: the toy preset on tiny_data, sized for about an hour on 2 CPU cores.
 DEFAULTS = {

@@ -26,13 +26,15 @@ def main():
     parser.add_argument("run", type=Path, help="a run directory of train.py (phone units)")
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parent.parent / "tiny_data")
     parser.add_argument("--sentences", type=int, default=100, help="per split (default: 100)")
-    parser.add_argument("--answer-voice", default="fest_kal", help="left out, as the eval leaves it out of ASR")
+    parser.add_argument("--answer-voice", default=None,
+                        help="left out, as the eval leaves it out of ASR (default: the run's answer voice)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     config = args.run / "phones" / "config.json"
     if not config.is_file():
         sys.exit(f"{config}: no phone recogniser; the oracle spells the text's phones as phone units")
     torch.set_num_threads(args.threads)
+    args.answer_voice = args.answer_voice or json.loads((args.run / "settings.json").read_text())["answer_voice"]
     unit_of = {phone: i for i, phone in enumerate(json.loads(config.read_text())["phones"])}
     heard = read_run_units(args.run)[0]
     rows = load_manifest(args.data / "manifest.jsonl")

@@ -31,7 +31,7 @@ from speechgpt_min.tokenizer import Tokenizer  # noqa: E402
 from speechgpt_min.trainer import TrainConfig, train  # noqa: E402
 from speechgpt_min.weights import reinit_rows  # noqa: E402
 
-ANSWER_VOICE = "fest_kal"
+ANSWER_VOICE = "fest_slt"  # tiny_data's answer voice, as in train.py
 
 
 def schedule(out, steps, batch_size, warmup, eval_every=0):

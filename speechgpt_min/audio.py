@@ -4,10 +4,13 @@ Everything downstream (the HuBERT encoder, k-means units, the vocoder's mel loss
 SpeechGPT hears 16 kHz mono audio at 50 frames per second: one frame every 320 samples (20 ms).
 
     wav = load_audio("question.flac")          # (T,) float32 in [-1, 1], 16 kHz
+    wav = load_audio("tiny_data/audio/fest_slt.zip/sent_00000_fest_slt.ogg")  # a member of a zip archive
     mel = log_mel_spectrogram(wav)             # (n_mels, frames)
     cep = mfcc(wav, hop_length=320)            # (n_mfcc, frames), 50 Hz like HuBERT's frames
 """
+import io
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -69,15 +72,36 @@ def load_audio(path_or_array, sr=None, target_sr=SAMPLE_RATE, max_seconds=DEFAUL
 
 def _read_file(path):
     """-> (samples (T,) or (T, C), sample rate). soundfile reads WAV, FLAC and OGG among others."""
-    if not path.exists():
-        raise AudioError(f"{path}: no such file")
     if path.is_dir():
         raise AudioError(f"{path}: is a directory, not an audio file")
     try:
-        samples, sr = sf.read(str(path), always_2d=False)
+        data = read_packed(path)
+    except FileNotFoundError as error:
+        raise AudioError(str(error)) from None
+    try:
+        samples, sr = sf.read(io.BytesIO(data), always_2d=False)
     except (sf.LibsndfileError, RuntimeError, TypeError) as error:
         raise AudioError(f"{path}: not readable as audio (WAV, FLAC or OGG expected): {error}") from None
     return samples, sr
+
+
+def read_packed(path):
+    """The bytes of a file, or of one member of a zip archive addressed as if the archive were a
+    folder: `tiny_data/audio/fest_slt.zip/sent_00000_fest_slt.ogg`. tiny_data keeps each voice's
+    thousands of short recordings in one archive, so that a clone stays small on disk
+    (`unzip` one to listen). Raises FileNotFoundError naming the path."""
+    path = Path(path)
+    if path.is_file():
+        return path.read_bytes()
+    archive = next((parent for parent in path.parents if parent.suffix == ".zip" and parent.is_file()), None)
+    if archive is None:
+        raise FileNotFoundError(f"{path}: no such file")
+    member = path.relative_to(archive).as_posix()
+    with zipfile.ZipFile(archive) as zipped:
+        try:
+            return zipped.read(member)
+        except KeyError:
+            raise FileNotFoundError(f"{path}: no such file ({archive.name} has no member {member!r})") from None
 
 
 def _to_float(samples):

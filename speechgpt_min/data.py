@@ -46,14 +46,17 @@ functions. Note the released quirk kept by INFERENCE_TEMPLATE: a space before <e
 SpeechInstruct training strings do not have (CHAIN_TEMPLATE); a model trained here sees exactly
 its training prefix when prompted with template=CHAIN_TEMPLATE.
 """
+import io
 import json
 import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import soundfile as sf
 import torch
 
+from .audio import read_packed
 from .model import IGNORE_INDEX
 from .units import speech_text
 
@@ -175,7 +178,6 @@ def check_corpus(data_dir, splits=("train", "valid", "test")):
     audio file present and readable as audio (its header), and the pairs' utterance ids. Raises
     DataError naming the file and the problem. Returns (manifest rows, pairs).
     """
-    import soundfile as sf  # only here: reading a header is all the data module does with audio
 
     data_dir = Path(data_dir)
     rows = load_manifest(data_dir / "manifest.jsonl")
@@ -184,10 +186,10 @@ def check_corpus(data_dir, splits=("train", "valid", "test")):
             raise DataError(f"{data_dir / 'manifest.jsonl'}: no utterances in split {split!r}")
     for row in rows:
         audio = data_dir / row["audio"]
-        if not audio.is_file():
-            raise DataError(f"{audio}: missing (utterance {row['id']!r} of {data_dir / 'manifest.jsonl'})")
         try:
-            frames = sf.info(str(audio)).frames
+            frames = sf.info(io.BytesIO(read_packed(audio))).frames
+        except FileNotFoundError:
+            raise DataError(f"{audio}: missing (utterance {row['id']!r} of {data_dir / 'manifest.jsonl'})") from None
         except (sf.LibsndfileError, RuntimeError) as error:
             raise DataError(f"{audio}: not readable as audio ({error})") from None
         if frames == 0:

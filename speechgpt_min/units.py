@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .audio import read_packed
 from .hubert import extract_features
 
 FORMAT = "speechgpt_min.kmeans"
@@ -235,8 +236,9 @@ def read_run_units(run_dir):
 
 def read_segs(path):
     """Festival `.segs` alignment: a header ending with a line '#', then 'END_TIME 100 PHONE' lines,
-    times in seconds. -> list of (start, end, phone)."""
-    lines = Path(path).read_text().splitlines()
+    times in seconds; a file, or a member of a zip archive (see `audio.read_packed`).
+    -> list of (start, end, phone)."""
+    lines = read_packed(path).decode().splitlines()
     if "#" not in (line.strip() for line in lines):
         raise ValueError(f"{path}: no '#' line ending the header (not a festival .segs file)")
     body = lines[[line.strip() for line in lines].index("#") + 1:]

@@ -1,11 +1,14 @@
 """The audio front end: loading (every bad-input case), resampling, and features against librosa."""
+import io
+import zipfile
+
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
 from speechgpt_min.audio import (AudioError, deltas, load_audio, log_mel_spectrogram, mel_filterbank,
-                                 mel_spectrogram, mfcc, save_audio)
+                                 mel_spectrogram, mfcc, read_packed, save_audio)
 
 
 def tone(seconds=0.5, sr=16000, hz=440.0, channels=1):
@@ -57,6 +60,24 @@ def test_array_input_int16_and_tensor():
 def test_load_target_sr_and_save_round_trip(tmp_path):
     save_audio(tmp_path / "x.flac", torch.from_numpy(tone()).float())
     assert load_audio(tmp_path / "x.flac", target_sr=8000).shape[0] == 4000
+
+
+def test_load_a_member_of_a_zip_archive(tmp_path):
+    """tiny_data's layout: audio/<voice>.zip/<id>.ogg names one recording inside a voice's archive."""
+    ogg = io.BytesIO()
+    sf.write(ogg, tone(), 16000, format="OGG", subtype="OPUS")
+    with zipfile.ZipFile(tmp_path / "voice.zip", "w") as archive:
+        archive.writestr("utt_1.ogg", ogg.getvalue())
+        archive.writestr("utt_1.segs", "header\n#\n0.5 100 pau\n")
+    wav = load_audio(tmp_path / "voice.zip" / "utt_1.ogg")
+    expected, _ = sf.read(io.BytesIO(ogg.getvalue()))
+    assert wav.shape[0] == 8000 and torch.allclose(wav, torch.from_numpy(expected).float())
+    assert read_packed(tmp_path / "voice.zip" / "utt_1.segs").decode().endswith("pau\n")
+    assert read_packed(tmp_path / "voice.zip") == (tmp_path / "voice.zip").read_bytes()  # a plain file stays one
+    with pytest.raises(AudioError, match=r"utt_2\.ogg: no such file \(voice\.zip has no member 'utt_2\.ogg'\)"):
+        load_audio(tmp_path / "voice.zip" / "utt_2.ogg")
+    with pytest.raises(FileNotFoundError, match=r"other\.zip/utt_1\.ogg: no such file$"):
+        read_packed(tmp_path / "other.zip" / "utt_1.ogg")
 
 
 def test_error_missing_file(tmp_path):

@@ -178,9 +178,9 @@ def test_stages_on_tiny_data_are_deterministic(tiny_data):
     assert used == set(TTS_INSTRUCTIONS) | set(ASR_INSTRUCTIONS)  # all paraphrases occur
 
     # TTS in one voice, the answer voice; ASR in all of them
-    s2_one_voice = stage2_dialogues(train_rows, units, seed=0, tts_voice="fest_kal")
+    s2_one_voice = stage2_dialogues(train_rows, units, seed=0, tts_voice="fest_slt")
     assert sum(d.task == "asr" for d in s2_one_voice) == len(train_rows)
-    assert sum(d.task == "tts" for d in s2_one_voice) == sum(r["voice"] == "fest_kal" for r in train_rows) > 0
+    assert sum(d.task == "tts" for d in s2_one_voice) == sum(r["voice"] == "fest_slt" for r in train_rows) > 0
 
     s3 = stage3_dialogues(train_pairs, units, seed=0, variants=CHAIN_VARIANTS)
     n_speech = sum(len(p["question"]["audio"]) for p in train_pairs)
@@ -195,7 +195,7 @@ def test_stages_on_tiny_data_are_deterministic(tiny_data):
 
 def test_corpus_errors_name_the_problem(tmp_path, tiny_data):
     rows = load_manifest(tiny_data / "manifest.jsonl")
-    with pytest.raises(DataError, match=r"no units for utterance 'sent_00000_fest_kal'"):
+    with pytest.raises(DataError, match=r"no units for utterance 'sent_00000_fest_slt'"):
         stage2_dialogues(rows[:1], {})
     with pytest.raises(DataError, match=r"no rows in split 'dev'; splits present: \['test', 'test_knowledge', 'test_unseen_voice'"):
         in_split(rows, "dev")

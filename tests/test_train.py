@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from speechgpt_min.audio import read_packed
+
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_KEYS = ["units.pnmi", "units.phone_accuracy", "units.cross_voice_same_text", "units.cross_voice_other_text",
                "units.phone_error_rate", "units.phone_error_rate_seen_voices",
@@ -40,11 +42,14 @@ def slice_corpus(out, tiny_data):
     for split, n in (("train", 8), ("valid", 2), ("test", 6), ("test_unseen_voice", 2)):
         ids |= {r["id"] for r in [r for r in rows if r["kind"] == "sent" and r["split"] == split][:n]}
     chosen_rows = [r for r in rows if r["id"] in ids]
-    for row in chosen_rows:
-        for key in ("audio", "alignment"):
+    for folder in ("audio", "alignments"):
+        (out / folder).mkdir(parents=True)
+    for row in chosen_rows:  # out of tiny_data's archives, into plain files: a manifest may name either
+        for key, folder in (("audio", "audio"), ("alignment", "alignments")):
             if row[key]:
-                (out / row[key]).parent.mkdir(parents=True, exist_ok=True)
-                (out / row[key]).write_bytes((tiny_data / row[key]).read_bytes())
+                plain = f"{folder}/{row['id']}{Path(row[key]).suffix}"
+                (out / plain).write_bytes(read_packed(tiny_data / row[key]))
+                row[key] = plain
     (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen_rows))
     (out / "qa.jsonl").write_text("".join(json.dumps(p) + "\n" for p in chosen_pairs))
     (out / "text_corpus.txt").write_text("\n".join((tiny_data / "text_corpus.txt").read_text().splitlines()[:300]) + "\n")

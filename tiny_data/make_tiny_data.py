@@ -1,8 +1,10 @@
 """Build tiny_data/: a closed-world spoken corpus that toy SpeechGPTs can learn from and be tested on.
 
 What it makes (all committed, so nothing needs a TTS engine at run time):
-  audio/<voice>/<id>.ogg        16 kHz mono speech (Ogg Opus)
-  alignments/<voice>/<id>.segs  festival phone alignments (festival voices only)
+  audio/<voice>.zip             16 kHz mono speech, one Ogg Opus file per utterance: <id>.ogg
+  alignments/<voice>.zip        festival phone alignments (festival voices only): <id>.segs
+                               (the manifest names a member as audio/<voice>.zip/<id>.ogg; load_audio
+                               and read_segs read it there; `unzip` an archive to listen)
   manifest.jsonl               one line per utterance: id, audio, text, voice, split, duration, alignment, kind,
                                phones (the text's pronunciation as festival's kal voice says it)
   qa.jsonl                     one line per question/answer pair: id, skill, fact, template, split,
@@ -23,7 +25,8 @@ Design, so that small models can generalise from it, and be tested on what they 
     question; split `test_knowledge` asks them aloud and typed;
   - 28 training voices (festival, flite, espeak-ng accents, piper; with pace and pitch variants)
     and one voice held out entirely (festival ked), which speaks only in `test_unseen_voice`;
-  - TTS and spoken answers use one voice, the answer voice (fest_kal), as SpeechGPT's vocoder does;
+  - TTS and spoken answers use one voice, the answer voice (fest_slt, the voice Whisper understands
+    best), as SpeechGPT's vocoder does;
   - festival voices save phone alignments, for measuring unit quality (PNMI) and for learning
     phones; every utterance carries its text's pronunciation (festival's phones, with pauses), so
     phones can be forced-aligned to the voices festival did not make.
@@ -33,12 +36,14 @@ Requirements (Debian): festival festvox-kallpc16k festvox-kdlpc16k festvox-us-sl
 Run: python tiny_data/make_tiny_data.py   (deterministic texts, splits and voices; ~25 minutes on 2 cores)
 """
 import argparse
+import io
 import json
 import random
 import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -87,7 +92,8 @@ VOICES = {
     "fest_ked": ("festival", "voice_ked_diphone", {}),  # held out: speaks only in test_unseen_voice
 }
 HELD_OUT_VOICE = "fest_ked"
-ANSWER_VOICE = "fest_kal"  # TTS targets and spoken answers: one voice, as a single-voice vocoder speaks
+ANSWER_VOICE = "fest_slt"  # TTS targets and spoken answers: one voice, as a single-voice vocoder speaks
+PRONOUNCING_VOICE = "fest_kal"  # festival voice whose phones give every text's pronunciation
 TRAIN_VOICES = [v for v in VOICES if v != HELD_OUT_VOICE]
 OTHER_VOICES = [v for v in TRAIN_VOICES if v != ANSWER_VOICE]
 
@@ -382,8 +388,8 @@ def synthesize(job):
 
 
 def pronunciations(texts, workdir):
-    """{text: "pau dh ax aw l ... pau"}: the phones festival's answer voice says for each text."""
-    script = [f"({VOICES[ANSWER_VOICE][1]})"]
+    """{text: "pau dh ax aw l ... pau"}: the phones festival's kal voice says for each text."""
+    script = [f"({VOICES[PRONOUNCING_VOICE][1]})"]
     for text in texts:
         script.append(f'(set! u (Utterance Text "{text}")) (utt.synth u) '
                       f'(print (mapcar (lambda (s) (item.name s)) (utt.relation.items u \'Segment)))')
@@ -478,24 +484,25 @@ def build(out_dir, jobs, n_train_sentences, lossless_copy=None):
 
     for sub in ("audio", "alignments"):
         shutil.rmtree(out_dir / sub, ignore_errors=True)
-    manifest = []
+    manifest, audio_files, alignment_files = [], {}, {}
     for u in utterances:
         samples, segs = rendered[u["id"]]
-        audio = Path("audio") / u["voice"] / f"{u['id']}.ogg"
-        (out_dir / audio).parent.mkdir(parents=True, exist_ok=True)
-        sf.write(str(out_dir / audio), samples, SAMPLE_RATE, format="OGG", subtype="OPUS", compression_level=OPUS_LEVEL)
+        ogg = io.BytesIO()
+        sf.write(ogg, samples, SAMPLE_RATE, format="OGG", subtype="OPUS", compression_level=OPUS_LEVEL)
+        audio_files.setdefault(u["voice"], []).append((f"{u['id']}.ogg", ogg.getvalue()))
         if lossless_copy is not None:  # the same audio, uncompressed, to measure what Opus costs
-            (lossless_copy / audio).parent.mkdir(parents=True, exist_ok=True)
-            sf.write(str((lossless_copy / audio).with_suffix(".flac")), samples, SAMPLE_RATE, format="FLAC")
-        alignment = None
+            flac = lossless_copy / "audio" / u["voice"] / f"{u['id']}.flac"
+            flac.parent.mkdir(parents=True, exist_ok=True)
+            sf.write(str(flac), samples, SAMPLE_RATE, format="FLAC")
         if segs is not None:
-            alignment = Path("alignments") / u["voice"] / f"{u['id']}.segs"
-            (out_dir / alignment).parent.mkdir(parents=True, exist_ok=True)
-            (out_dir / alignment).write_text(segs)
-        manifest.append({"id": u["id"], "audio": str(audio), "text": u["text"], "voice": u["voice"],
-                         "split": u["split"], "duration": round(sf.info(str(out_dir / audio)).duration, 4),
-                         "alignment": None if alignment is None else str(alignment), "kind": u["kind"],
-                         "phones": phones[u["text"]]})
+            alignment_files.setdefault(u["voice"], []).append((f"{u['id']}.segs", segs.encode()))
+        manifest.append({"id": u["id"], "audio": f"audio/{u['voice']}.zip/{u['id']}.ogg", "text": u["text"],
+                         "voice": u["voice"], "split": u["split"],
+                         "duration": round(sf.info(io.BytesIO(ogg.getvalue())).duration, 4),
+                         "alignment": None if segs is None else f"alignments/{u['voice']}.zip/{u['id']}.segs",
+                         "kind": u["kind"], "phones": phones[u["text"]]})
+    write_archives(out_dir / "audio", audio_files, zipfile.ZIP_STORED)  # Opus is compressed already
+    write_archives(out_dir / "alignments", alignment_files, zipfile.ZIP_DEFLATED)
     write_jsonl(out_dir / "manifest.jsonl", manifest)
     write_jsonl(out_dir / "qa.jsonl", [{k: item[k] for k in ("id", "skill", "fact", "template", "split",
                                                                "question", "answer")} for item in qa])
@@ -505,9 +512,23 @@ def build(out_dir, jobs, n_train_sentences, lossless_copy=None):
     if lossless_copy is not None:
         for name in ("qa.jsonl", "facts.jsonl", "text_corpus.txt"):
             shutil.copy(out_dir / name, lossless_copy / name)
-        write_jsonl(lossless_copy / "manifest.jsonl", [{**m, "audio": m["audio"][:-4] + ".flac"} for m in manifest])
+        write_jsonl(lossless_copy / "manifest.jsonl",
+                    [{**m, "audio": f"audio/{m['voice']}/{m['id']}.flac"} for m in manifest])
         shutil.copytree(out_dir / "alignments", lossless_copy / "alignments", dirs_exist_ok=True)
     return manifest, qa, facts, text_corpus
+
+
+def write_archives(folder, files, compression):
+    """{voice: [(member name, bytes)]} -> folder/<voice>.zip: one archive per voice, so a clone holds a
+    few dozen files rather than thousands (each small file takes a whole disk block). A fixed
+    timestamp makes every build's archives the same bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for voice, members in files.items():
+        with zipfile.ZipFile(folder / f"{voice}.zip", "w", compression) as archive:
+            for name, data in members:
+                info = zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0))
+                info.external_attr = 0o644 << 16  # rw-r--r-- when unzipped
+                archive.writestr(info, data, compression)
 
 
 def write_jsonl(path, rows):
