@@ -8,8 +8,10 @@ SpeechGPT hears 16 kHz mono audio at 50 frames per second: one frame every 320 s
     mel = log_mel_spectrogram(wav)             # (n_mels, frames)
     cep = mfcc(wav, hop_length=320)            # (n_mfcc, frames), 50 Hz like HuBERT's frames
 """
+import functools
 import io
 import math
+import os
 import zipfile
 from pathlib import Path
 
@@ -97,11 +99,18 @@ def read_packed(path):
     if archive is None:
         raise FileNotFoundError(f"{path}: no such file")
     member = path.relative_to(archive).as_posix()
-    with zipfile.ZipFile(archive) as zipped:
-        try:
-            return zipped.read(member)
-        except KeyError:
-            raise FileNotFoundError(f"{path}: no such file ({archive.name} has no member {member!r})") from None
+    try:
+        return _open_archive(archive, archive.stat().st_mtime_ns, os.getpid()).read(member)
+    except KeyError:
+        raise FileNotFoundError(f"{path}: no such file ({archive.name} has no member {member!r})") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _open_archive(archive, modified, process):
+    """An archive opened once (reading its index of members takes longer than reading one member);
+    opened again if the file changes, and in every process: forked workers must not share one file
+    position."""
+    return zipfile.ZipFile(archive)
 
 
 def _to_float(samples):
