@@ -187,15 +187,16 @@ def evaluate_chain(sgpt, items, max_new_tokens=768, progress=True, speech_answer
     """items: (question units, question text, answer text, answer units) -> greedy spoken dialogue scores:
     transcript_wer, answer_accuracy (exact match of [ta]), speech_answer_unit_edit_distance,
     well_formed (share of responses that parse whole: transcript, text answer and speech answer), n,
-    answer_units (each spoken answer's units).
-    speech_answer=False stops each response at "[ua]" (faster): only transcript_wer, answer_accuracy, n."""
+    answer_units (each spoken answer's units), correct (each answer's exact match, True or False).
+    speech_answer=False stops each response at "[ua]" (faster): only transcript_wer, answer_accuracy, n, correct."""
     items = _check_items(items, "chain")
     results = chat_in_batches(sgpt, [dict(units=q_units) for q_units, *_ in items], batch_size, "eval chain",
                               progress, task="dialogue", max_new_tokens=max_new_tokens,
                               stop_at=None if speech_answer else "[ua]")
     scores = {"transcript_wer": word_error_rate([q for _, q, _, _ in items], [r.transcript for r in results]),
               "answer_accuracy": exact_match_accuracy([a for _, _, a, _ in items], [r.text_answer for r in results]),
-              "n": len(results)}
+              "n": len(results),
+              "correct": [normalize_text(a) == normalize_text(r.text_answer) for (_, _, a, _), r in zip(items, results)]}
     if speech_answer:
         scores["speech_answer_unit_edit_distance"] = unit_edit_distance([list(u) for *_, u in items],
                                                                         [r.answer_units for r in results])

@@ -56,12 +56,11 @@ class Corpus:
         rows = [r for r in self.rows if r["split"] == split and r.get("kind", "sent") == "sent"]
         return [r for r in rows if r["voice"] != answer_voice], [r for r in rows if r["voice"] == answer_voice]
 
-    def spoken_questions(self, pair_split, audio_split, units, but_skills=()):
+    def spoken_questions(self, pair_split, audio_split, units):
         """(question units, question text, answer text, answer units) of the pairs of a split whose
-        question audio is in `audio_split` (a held-out voice's recordings are in test_unseen_voice),
-        leaving out the pairs of `but_skills`."""
+        question audio is in `audio_split` (a held-out voice's recordings are in test_unseen_voice)."""
         return [(units[qid], p["question"]["text"], p["answer"]["text"], units[p["answer"]["audio"][0]])
-                for p in self._pairs(pair_split, but_skills)
+                for p in self._pairs(pair_split, ())
                 for qid in p["question"]["audio"] if self.by_id[qid]["split"] == audio_split]
 
     def typed_questions(self, pair_split, but_skills=()):

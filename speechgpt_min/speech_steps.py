@@ -202,12 +202,15 @@ def step_eval(args, settings, report, corpus):
     # Spoken questions about facts that only the text corpus (stage 0) stated: does text knowledge reach speech?
     # Sums and differences can be worked out with the skill the training pairs teach, without the fact;
     # the lookups (an animal's sound, an opposite, ...) only the text can have taught: scored apart too.
+    lookups = {question for question, _ in corpus.typed_questions("test_knowledge", ARITHMETIC)}
     for audio_split, suffix in (("test_knowledge", ""), ("test_unseen_voice", "_unseen_voice")):
-        for name, but_skills in (("knowledge", ()), ("knowledge_lookup", ARITHMETIC)):
-            items = corpus.spoken_questions("test_knowledge", audio_split, units, but_skills)
-            if items:
-                chain = evaluate_chain(sgpt, items, limit["chain"], speech_answer=False)
-                report[f"stage3.{name}_accuracy{suffix}"] = round(chain["answer_accuracy"], 4)
+        items = corpus.spoken_questions("test_knowledge", audio_split, units)
+        if items:
+            chain = evaluate_chain(sgpt, items, limit["chain"], speech_answer=False)
+            report[f"stage3.knowledge_accuracy{suffix}"] = round(chain["answer_accuracy"], 4)
+            hits = [hit for hit, (_, question, _, _) in zip(chain["correct"], items) if question in lookups]
+            if hits:
+                report[f"stage3.knowledge_lookup_accuracy{suffix}"] = round(sum(hits) / len(hits), 4)
     # The same questions typed.
     for pair_split, key, but_skills in (("test", "text_answer_accuracy", ()),
                                         ("test_knowledge", "knowledge_text_accuracy", ()),
