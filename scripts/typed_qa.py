@@ -8,6 +8,14 @@ only the text corpus states). Prints and writes OUT/result.json, with accuracy a
 
     python scripts/typed_qa.py --out runs/typed/qa                    # the pairs alone
     python scripts/typed_qa.py --out runs/typed/mixed --corpus 1.0    # one corpus line per pair
+
+Recipe §11, on the text-only world of scripts/knowledge_world.py (its corpus: the fact statements alone):
+
+    python scripts/knowledge_world.py --out /tmp/world
+    python scripts/typed_qa.py --data /tmp/world --out runs/world/none
+    python scripts/typed_qa.py --data /tmp/world --out runs/world/mixed --corpus 1.6      # every statement mixed in
+    python scripts/typed_qa.py --data /tmp/world --out runs/world/stage0 --stage0 600     # a stage 0, then the pairs
+    python scripts/typed_qa.py --data /tmp/world --out runs/world/stage0-mixed --stage0 600 --corpus 1.6
 """
 import argparse
 import json
@@ -20,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from speechgpt_min.data import (SYSTEM_PROMPT, chain_dialogue, encode_dialogues, load_pairs,  # noqa: E402
                                 load_text_corpus, stage0_texts, text_examples)
-from speechgpt_min.evaluate import evaluate_text_questions, evenly_spaced  # noqa: E402
+from speechgpt_min.evaluate import (chat_in_batches, evaluate_text_questions, evenly_spaced,  # noqa: E402
+                                    fact_completion_accuracy)
 from speechgpt_min.model import LMConfig, Transformer  # noqa: E402
 from speechgpt_min.pipeline import SpeechGPT  # noqa: E402
 from speechgpt_min.tokenizer import Tokenizer  # noqa: E402
@@ -33,6 +42,8 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=1500, help="training steps of 32 examples (default: 1500)")
     parser.add_argument("--corpus", type=float, default=0.0, help="text-corpus lines mixed in per pair (default: 0)")
+    parser.add_argument("--stage0", type=int, default=0, metavar="STEPS",
+                        help="first train on the text corpus alone, STEPS steps of 32 lines (default: 0)")
     parser.add_argument("--prompt", action="store_true", help="the released system prompt before every pair")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1)
@@ -59,13 +70,33 @@ def main():
         return {"typed_test": evaluate_text_questions(answering(lm), test[:50], 24, progress=False),
                 "typed_own": evaluate_text_questions(answering(lm), own[:20], 24, progress=False)}
 
+    # The lookups of the knowledge split (no sums or differences) as statements: "the owl says hoot".
+    lookups = [p for p in pairs if p["split"] == "test_knowledge" and p["skill"] not in ("plus", "minus")]
+    statements = [p["answer"]["text"] for p in lookups]
+
     start = time.time()
+    if args.stage0:  # a stage 0: the corpus's lines alone, each its own example
+        corpus_set = text_examples(tokenizer, stage0_texts(corpus, seed=2))
+        train(model, corpus_set, TrainConfig(out_dir=str(args.out / "stage0"), steps=args.stage0, batch_size=32, lr=2e-3,
+                                             min_lr=2e-4, warmup_steps=20, eval_every=args.stage0, checkpoint_every=0,
+                                             resume=False, progress=False), corpus_set[:32])
+        print(f"after stage 0: completes {fact_completion_accuracy(answering(model), statements):.2f} "
+              f"of the {len(statements)} lookup statements", flush=True)
     cfg = TrainConfig(out_dir=str(args.out), steps=args.steps, batch_size=32, lr=2e-3, min_lr=2e-4, warmup_steps=20,
                       eval_every=args.eval_every, checkpoint_every=0, resume=False, progress=False)
     history = train(model, train_set, cfg, train_set[:32], score)
     sgpt = answering(model)
     result = {name: round(evaluate_text_questions(sgpt, items, 24, progress=False), 4)
               for name, items in (("typed_test", test), ("typed_knowledge", knowledge), ("typed_own", own))}
+    for skill in sorted({p["skill"] for p in pairs if p["split"] == "test_knowledge"}):
+        items = typed([p for p in pairs if p["split"] == "test_knowledge" and p["skill"] == skill])
+        result["knowledge_" + skill] = round(evaluate_text_questions(sgpt, items, 24, progress=False), 4)
+    if lookups:
+        result["lookup_fact_completion"] = round(fact_completion_accuracy(sgpt, statements), 4)
+        answers = chat_in_batches(sgpt, [dict(text=p["question"]["text"]) for p in lookups], 16, None, False,
+                                  task="dialogue", max_new_tokens=24, stop_at="[ua]")
+        for pair, answer in zip(lookups, answers):
+            print(f"{pair['question']['text']!r} -> {answer.text_answer!r} (truth: {pair['answer']['text']!r})")
     result.update(seconds=round(time.time() - start),
                   curve=[(h["step"], h["typed_test"], h["typed_own"]) for h in history if "typed_test" in h],
                   args={k: str(v) for k, v in vars(args).items()})
