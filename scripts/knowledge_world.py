@@ -6,10 +6,11 @@ such a word into its answer. In this variant animals have colours too, and the h
 sounds of five animals and the colours of six others: every held-out animal is asked about in
 training under the other skill. The opposites, sums and differences are held out as in tiny_data.
 Writes DIR/qa.jsonl (typed pairs, no audio) and DIR/text_corpus.txt: every fact in each of its
-statement forms, and nothing else (none of the world's other sentences).
+statement forms, and nothing else unless --sentences N adds N sentences of the world.
 
     python scripts/knowledge_world.py --out /tmp/world
     python scripts/typed_qa.py --data /tmp/world --out runs/world/mixed --corpus 1.6   # all 3433 lines mixed in
+    python scripts/knowledge_world.py --out /tmp/world-sentences --sentences 8000        # 11433 lines
 """
 import argparse
 import importlib.util
@@ -66,6 +67,8 @@ def make_facts(m, rng):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="directory for qa.jsonl and text_corpus.txt")
+    parser.add_argument("--sentences", type=int, default=0,
+                        help="also this many sentences of the world in the corpus, as tiny_data has 8000 (default: 0)")
     args = parser.parse_args()
     m = load_generator()
     m.THING_COLOURS.update(ANIMAL_COLOURS)  # the world's coloured things now include the animals
@@ -73,7 +76,7 @@ def main():
     _, valid, test = m.make_sentences(rng, 2500, 150, 200)  # drawn as tiny_data draws them, so the seeds line up
     facts = make_facts(m, rng)
     pairs = m.make_qa(rng, facts)
-    corpus = m.make_text_corpus(rng, facts, set(valid) | set(test), n_sentences=0)
+    corpus = m.make_text_corpus(rng, facts, set(valid) | set(test), n_sentences=args.sentences)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "qa.jsonl", "w") as f:
         for n, item in enumerate(pairs):

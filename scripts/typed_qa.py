@@ -16,6 +16,8 @@ Recipe §11, on the text-only world of scripts/knowledge_world.py (its corpus: t
     python scripts/typed_qa.py --data /tmp/world --out runs/world/mixed --corpus 1.6      # every statement mixed in
     python scripts/typed_qa.py --data /tmp/world --out runs/world/stage0 --stage0 600     # a stage 0, then the pairs
     python scripts/typed_qa.py --data /tmp/world --out runs/world/stage0-mixed --stage0 600 --corpus 1.6
+    python scripts/knowledge_world.py --out /tmp/world-sentences --sentences 8000
+    python scripts/typed_qa.py --data /tmp/world-sentences --out runs/world/all-lines --corpus 5.1 --steps 3000
 """
 import argparse
 import json
