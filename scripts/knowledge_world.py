@@ -38,20 +38,8 @@ def make_facts(m, rng):
     chosen from disjoint animals."""
     held = rng.sample(list(m.ANIMAL_SOUNDS), 11)
     text_only_animals = {"animal_sound": set(held[:5]), "colour": set(held[5:])}
-    numbers = m.NUMBERS
-    by_skill = {
-        "plus": [(f"plus:{a}:{b}", {"a": numbers[a], "b": numbers[b], "c": numbers[a + b]})
-                 for a in range(11) for b in range(11)],
-        "minus": [(f"minus:{a}:{b}", {"a": numbers[a], "b": numbers[b], "c": numbers[a - b]})
-                  for a in range(21) for b in range(11) if a >= b],
-        "next_day": [(f"next_day:{d}", {"a": d, "c": m.DAYS[(i + 1) % 7]}) for i, d in enumerate(m.DAYS)],
-        "next_number": [(f"next_number:{n}", {"a": n, "c": numbers[i + 1]}) for i, n in enumerate(numbers[:20])],
-        "opposite": [(f"opposite:{x}", {"a": x, "c": y}) for pair in m.OPPOSITES for x, y in (pair, pair[::-1])],
-        "animal_sound": [(f"animal_sound:{a}", {"a": a, "c": s}) for a, s in m.ANIMAL_SOUNDS.items()],
-        "colour": [(f"colour:{t}", {"a": t, "c": c}) for t, c in m.THING_COLOURS.items()],
-    }
     facts = []
-    for skill, items in by_skill.items():
+    for skill, items in m.fact_slots().items():
         if skill == "opposite":  # whole pairs, as in tiny_data
             text_only = {f"opposite:{w}" for pair in rng.sample(m.OPPOSITES, 6) for w in pair}
         elif skill in text_only_animals:

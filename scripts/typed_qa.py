@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from speechgpt_min.data import (SYSTEM_PROMPT, chain_dialogue, encode_dialogues, load_pairs,  # noqa: E402
                                 load_text_corpus, stage0_texts, text_examples)
-from speechgpt_min.evaluate import (chat_in_batches, evaluate_text_questions, evenly_spaced,  # noqa: E402
-                                    fact_completion_accuracy)
+from speechgpt_min.evaluate import (evaluate_text_questions, evenly_spaced, exact_match_accuracy,  # noqa: E402
+                                    fact_completion_accuracy, text_answers)
 from speechgpt_min.model import LMConfig, Transformer  # noqa: E402
 from speechgpt_min.pipeline import SpeechGPT  # noqa: E402
 from speechgpt_min.tokenizer import Tokenizer  # noqa: E402
@@ -58,7 +58,8 @@ def main():
     train_pairs = [p for p in pairs if p["split"] == "train"]
     typed = lambda chosen: [(p["question"]["text"], p["answer"]["text"]) for p in chosen]  # noqa: E731
     test = typed(evenly_spaced([p for p in pairs if p["split"] == "test"], 100))
-    knowledge = typed([p for p in pairs if p["split"] == "test_knowledge"])
+    knowledge_pairs = [p for p in pairs if p["split"] == "test_knowledge"]
+    knowledge = typed(knowledge_pairs)
     own = typed(evenly_spaced(train_pairs, 50))
     dialogues = [chain_dialogue("t2t", q, a) for q, a in typed(train_pairs)]
     tokenizer = Tokenizer.train([SYSTEM_PROMPT] + [d.text() for d in dialogues] + corpus, n_units=40)
@@ -73,8 +74,7 @@ def main():
                 "typed_own": evaluate_text_questions(answering(lm), own[:20], 24, progress=False)}
 
     # The lookups of the knowledge split (no sums or differences) as statements: "the owl says hoot".
-    lookups = [p for p in pairs if p["split"] == "test_knowledge" and p["skill"] not in ("plus", "minus")]
-    statements = [p["answer"]["text"] for p in lookups]
+    statements = [p["answer"]["text"] for p in knowledge_pairs if p["skill"] not in ("plus", "minus")]
 
     start = time.time()
     if args.stage0:  # a stage 0: the corpus's lines alone, each its own example
@@ -89,16 +89,17 @@ def main():
     history = train(model, train_set, cfg, train_set[:32], score)
     sgpt = answering(model)
     result = {name: round(evaluate_text_questions(sgpt, items, 24, progress=False), 4)
-              for name, items in (("typed_test", test), ("typed_knowledge", knowledge), ("typed_own", own))}
-    for skill in sorted({p["skill"] for p in pairs if p["split"] == "test_knowledge"}):
-        items = typed([p for p in pairs if p["split"] == "test_knowledge" and p["skill"] == skill])
-        result["knowledge_" + skill] = round(evaluate_text_questions(sgpt, items, 24, progress=False), 4)
-    if lookups:
+              for name, items in (("typed_test", test), ("typed_own", own))}
+    said = text_answers(sgpt, knowledge, 24, progress=False)  # each knowledge question decoded once
+    result["typed_knowledge"] = round(exact_match_accuracy([a for _, a in knowledge], said), 4)
+    for skill in sorted({p["skill"] for p in knowledge_pairs}):
+        mine = [(p["answer"]["text"], answer) for p, answer in zip(knowledge_pairs, said) if p["skill"] == skill]
+        result["knowledge_" + skill] = round(exact_match_accuracy(*zip(*mine)), 4)
+    if statements:
         result["lookup_fact_completion"] = round(fact_completion_accuracy(sgpt, statements), 4)
-        answers = chat_in_batches(sgpt, [dict(text=p["question"]["text"]) for p in lookups], 16, None, False,
-                                  task="dialogue", max_new_tokens=24, stop_at="[ua]")
-        for pair, answer in zip(lookups, answers):
-            print(f"{pair['question']['text']!r} -> {answer.text_answer!r} (truth: {pair['answer']['text']!r})")
+        for pair, answer in zip(knowledge_pairs, said):
+            if pair["skill"] not in ("plus", "minus"):
+                print(f"{pair['question']['text']!r} -> {answer!r} (truth: {pair['answer']['text']!r})")
     result.update(seconds=round(time.time() - start),
                   curve=[(h["step"], h["typed_test"], h["typed_own"]) for h in history if "typed_test" in h],
                   args={k: str(v) for k, v in vars(args).items()})

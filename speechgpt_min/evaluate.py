@@ -7,7 +7,7 @@
     unigram_loss(train_set, val_set)                            # the baseline a sequence model must beat
     evenly_spaced(items, n)                                     # a test subset that spans every skill and voice
     evaluate_asr(sgpt, items), evaluate_tts(sgpt, items), evaluate_chain(sgpt, items)
-    evaluate_text_questions(sgpt, items), fact_completion_accuracy(sgpt, statements)
+    evaluate_text_questions(sgpt, items), text_answers(sgpt, items), fact_completion_accuracy(sgpt, statements)
     chat_in_batches(sgpt, inputs, batch_size)                   # greedy chat of many inputs, batched
     whisper_transcribe(wavs)                                    # an independent recognizer, if installed
     evaluate_vocoder_speech(vocoder, items, texts)              # what a listener hears: WER, speed
@@ -187,16 +187,17 @@ def evaluate_chain(sgpt, items, max_new_tokens=768, progress=True, speech_answer
     """items: (question units, question text, answer text, answer units) -> greedy spoken dialogue scores:
     transcript_wer, answer_accuracy (exact match of [ta]), speech_answer_unit_edit_distance,
     well_formed (share of responses that parse whole: transcript, text answer and speech answer), n,
-    answer_units (each spoken answer's units), correct (each answer's exact match, True or False).
-    speech_answer=False stops each response at "[ua]" (faster): only transcript_wer, answer_accuracy, n, correct."""
+    answer_units (each spoken answer's units), text_answers (each response's [ta] text).
+    speech_answer=False stops each response at "[ua]" (faster): only transcript_wer, answer_accuracy, n,
+    text_answers."""
     items = _check_items(items, "chain")
     results = chat_in_batches(sgpt, [dict(units=q_units) for q_units, *_ in items], batch_size, "eval chain",
                               progress, task="dialogue", max_new_tokens=max_new_tokens,
                               stop_at=None if speech_answer else "[ua]")
+    answers = [r.text_answer for r in results]
     scores = {"transcript_wer": word_error_rate([q for _, q, _, _ in items], [r.transcript for r in results]),
-              "answer_accuracy": exact_match_accuracy([a for _, _, a, _ in items], [r.text_answer for r in results]),
-              "n": len(results),
-              "correct": [normalize_text(a) == normalize_text(r.text_answer) for (_, _, a, _), r in zip(items, results)]}
+              "answer_accuracy": exact_match_accuracy([a for _, _, a, _ in items], answers),
+              "n": len(results), "text_answers": answers}
     if speech_answer:
         scores["speech_answer_unit_edit_distance"] = unit_edit_distance([list(u) for *_, u in items],
                                                                         [r.answer_units for r in results])
@@ -208,10 +209,15 @@ def evaluate_chain(sgpt, items, max_new_tokens=768, progress=True, speech_answer
 
 def evaluate_text_questions(sgpt, items, max_new_tokens=64, progress=True, batch_size=16):
     """items: (typed question, answer text) -> exact-match accuracy of the greedy text answer ([ta])."""
+    return exact_match_accuracy([a for _, a in items], text_answers(sgpt, items, max_new_tokens, progress, batch_size))
+
+
+def text_answers(sgpt, items, max_new_tokens=64, progress=True, batch_size=16):
+    """items: (typed question, answer text) -> the greedy text answer ([ta]) to each question."""
     items = _check_items(items, "typed question")
     results = chat_in_batches(sgpt, [dict(text=q) for q, _ in items], batch_size, "eval typed questions", progress,
                               task="dialogue", max_new_tokens=max_new_tokens, stop_at="[ua]")
-    return exact_match_accuracy([a for _, a in items], [r.text_answer for r in results])
+    return [r.text_answer for r in results]
 
 
 def fact_completion_accuracy(sgpt, statements, max_new_tokens=4):

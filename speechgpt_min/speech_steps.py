@@ -20,7 +20,8 @@ from speechgpt_min.data import in_split
 from speechgpt_min.device import fast_bfloat16, resolve_device
 from speechgpt_min.evaluate import (WHISPER_MISSING, cross_voice_similarity, evaluate_asr, evaluate_chain,
                                     evaluate_text_questions, evaluate_tts, evaluate_vocoder_speech, evenly_spaced,
-                                    speech_whisper_wer, unit_edit_distance, whisper_available)
+                                    exact_match_accuracy, speech_whisper_wer, text_answers, unit_edit_distance,
+                                    whisper_available)
 from speechgpt_min.hubert import HubertConfig
 from speechgpt_min.hubert_training import mfcc_features, train_unit_encoder
 from speechgpt_min.mel_vocoder import MelVocoder, MelVocoderConfig
@@ -202,23 +203,29 @@ def step_eval(args, settings, report, corpus):
     # Spoken questions about facts that only the text corpus (stage 0) stated: does text knowledge reach speech?
     # Sums and differences can be worked out with the skill the training pairs teach, without the fact;
     # the lookups (an animal's sound, an opposite, ...) only the text can have taught: scored apart too.
+    # Each knowledge question is decoded once; the lookups' accuracy is taken from the same answers.
     lookups = {question for question, _ in corpus.typed_questions("test_knowledge", ARITHMETIC)}
+
+    def score_knowledge(key, lookup_key, questions, answers, said):  # questions, true answers, the model's
+        report[f"stage3.{key}"] = round(exact_match_accuracy(answers, said), 4)
+        looked_up = [(a, s) for q, a, s in zip(questions, answers, said) if q in lookups]
+        if looked_up:
+            report[f"stage3.{lookup_key}"] = round(exact_match_accuracy(*zip(*looked_up)), 4)
+
     for audio_split, suffix in (("test_knowledge", ""), ("test_unseen_voice", "_unseen_voice")):
         items = corpus.spoken_questions("test_knowledge", audio_split, units)
         if items:
-            chain = evaluate_chain(sgpt, items, limit["chain"], speech_answer=False)
-            report[f"stage3.knowledge_accuracy{suffix}"] = round(chain["answer_accuracy"], 4)
-            hits = [hit for hit, (_, question, _, _) in zip(chain["correct"], items) if question in lookups]
-            if hits:
-                report[f"stage3.knowledge_lookup_accuracy{suffix}"] = round(sum(hits) / len(hits), 4)
+            said = evaluate_chain(sgpt, items, limit["chain"], speech_answer=False)["text_answers"]
+            score_knowledge(f"knowledge_accuracy{suffix}", f"knowledge_lookup_accuracy{suffix}",
+                            [q for _, q, _, _ in items], [a for _, _, a, _ in items], said)
     # The same questions typed.
-    for pair_split, key, but_skills in (("test", "text_answer_accuracy", ()),
-                                        ("test_knowledge", "knowledge_text_accuracy", ()),
-                                        ("test_knowledge", "knowledge_lookup_text_accuracy", ARITHMETIC)):
-        typed = corpus.typed_questions(pair_split, but_skills)
-        if typed:
-            typed = evenly_spaced(typed, settings["eval_typed_questions"])
-            report[f"stage3.{key}"] = round(evaluate_text_questions(sgpt, typed, limit["chain"]), 4)
+    typed = evenly_spaced(corpus.typed_questions("test"), settings["eval_typed_questions"])
+    if typed:
+        report["stage3.text_answer_accuracy"] = round(evaluate_text_questions(sgpt, typed, limit["chain"]), 4)
+    typed = evenly_spaced(corpus.typed_questions("test_knowledge"), settings["eval_typed_questions"])
+    if typed:
+        score_knowledge("knowledge_text_accuracy", "knowledge_lookup_text_accuracy", [q for q, _ in typed],
+                        [a for _, a in typed], text_answers(sgpt, typed, limit["chain"]))
     evaluate_vocoder_on_test(args, sgpt, evenly_spaced(answer_voice_readings, settings["eval_sentences"]), units,
                              corpus.units("durations"), report)
     if not whisper_available():

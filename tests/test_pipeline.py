@@ -12,7 +12,7 @@ import speechgpt_min.evaluate as evaluate
 from speechgpt_min.audio import SAMPLE_RATE
 from speechgpt_min.data import (ASR_INSTRUCTIONS, CHAIN_TEMPLATE, SYSTEM_PROMPT, asr_dialogue, chain_dialogue,
                                 encode_dialogue, encode_prompt, speech_text, tts_dialogue)
-from speechgpt_min.evaluate import evaluate_asr, evaluate_chain, evaluate_tts, speech_whisper_wer
+from speechgpt_min.evaluate import evaluate_asr, evaluate_chain, evaluate_tts, speech_whisper_wer, text_answers
 from speechgpt_min.lora import LoRAConfig, inject, lora_layers, save_adapter
 from speechgpt_min.model import LMConfig, Transformer
 from speechgpt_min.pipeline import TASKS, ChatResult, PipelineError, Response, SpeechGPT, parse_response
@@ -230,7 +230,7 @@ def test_evaluation_scores_a_perfect_and_a_random_model(sgpt, monkeypatch):
     chain = [([1, 2], "what is two plus two", "four", [7, 8]), ([3], "two plus two", "four", [5])]
     for scores in (evaluate_asr(sgpt, asr, 16, False), evaluate_tts(sgpt, tts, 16, False),
                    evaluate_chain(sgpt, chain, 16, False)):  # random weights: any scores, well formed
-        assert scores["n"] == 2 and all(v >= 0 for k, v in scores.items() if k not in ("answer_units", "correct"))
+        assert scores["n"] == 2 and all(v >= 0 for k, v in scores.items() if k not in ("answer_units", "text_answers"))
 
     answers = {}  # prompt -> the right response, as a perfectly trained model would write it
     for units, text in asr:
@@ -244,9 +244,13 @@ def test_evaluation_scores_a_perfect_and_a_random_model(sgpt, monkeypatch):
     assert evaluate_tts(sgpt, tts, progress=False) == {"unit_edit_distance": 0.0, "n": 2, "answer_units": [[1, 2, 3], [9]]}
     assert evaluate_chain(sgpt, chain, progress=False) == {
         "transcript_wer": 0.0, "answer_accuracy": 1.0, "speech_answer_unit_edit_distance": 0.0,
-        "well_formed": 1.0, "n": 2, "answer_units": [[7, 8], [5]], "correct": [True, True]}
+        "well_formed": 1.0, "n": 2, "answer_units": [[7, 8], [5]], "text_answers": [a for _, _, a, _ in chain]}
     answers[sgpt.prompt("dialogue", chain[1][0])] = chain_dialogue("s2s", chain[1][1], "wrong", chain[1][0], [5]).response
-    assert evaluate_chain(sgpt, chain, progress=False, speech_answer=False)["correct"] == [True, False]
+    assert evaluate_chain(sgpt, chain, progress=False, speech_answer=False)["text_answers"] == [chain[0][2], "wrong"]
+    typed = [("what is two plus two", "four"), ("what is two", "two")]
+    for q, a in typed:
+        answers[sgpt.prompt("dialogue", text=q)] = chain_dialogue("t2t", q, a).response
+    assert text_answers(sgpt, typed, progress=False) == ["four", "two"]  # in the items' order
 
 
 @pytest.fixture

@@ -255,11 +255,11 @@ def make_sentences(rng, n_train, n_valid, n_test):
     return texts[:n_train], texts[n_train:n_train + n_valid], texts[n_train + n_valid:]
 
 
-def make_facts(rng):
-    """[(skill, fact key, slots, where)]: every lookup fact of the world, "speech" or "text_only"."""
+def fact_slots():
+    """{skill: [(fact key, slots)]}: every lookup fact of the world."""
     plus = [(a, b) for a in range(11) for b in range(11)]
     minus = [(a, b) for a in range(21) for b in range(11) if a >= b]
-    by_skill = {
+    return {
         "plus": [(f"plus:{a}:{b}", {"a": NUMBERS[a], "b": NUMBERS[b], "c": NUMBERS[a + b]}) for a, b in plus],
         "minus": [(f"minus:{a}:{b}", {"a": NUMBERS[a], "b": NUMBERS[b], "c": NUMBERS[a - b]}) for a, b in minus],
         "next_day": [(f"next_day:{d}", {"a": d, "c": DAYS[(i + 1) % 7]}) for i, d in enumerate(DAYS)],
@@ -268,8 +268,12 @@ def make_facts(rng):
         "animal_sound": [(f"animal_sound:{a}", {"a": a, "c": s}) for a, s in ANIMAL_SOUNDS.items()],
         "colour": [(f"colour:{t}", {"a": t, "c": c}) for t, c in THING_COLOURS.items()],
     }
+
+
+def make_facts(rng):
+    """[(skill, fact key, slots, where)]: every lookup fact of the world, "speech" or "text_only"."""
     facts = []
-    for skill, items in by_skill.items():
+    for skill, items in fact_slots().items():
         text_only = set()
         if skill == "opposite":  # hold out whole pairs, so "cold -> hot" does not give away "hot -> cold"
             for x, y in rng.sample(OPPOSITES, KNOWLEDGE_SHARE[skill]):
