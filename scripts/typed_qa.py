@@ -2,22 +2,18 @@
 
 A new toy LM learns the training question/answer pairs typed, in the chain's text-to-text format
 ("[Human]: what is two plus three <eoh> [SpeechGPT]: [ta] two plus three is five<eoa>."), with
---corpus R text-corpus lines mixed in per pair, and answers held-out typed questions greedily
+--corpus R text-corpus lines mixed in per pair (--statements: only the lines that state facts,
+facts.jsonl's), and answers held-out typed questions greedily
 (known facts in phrasings never paired with them; and, at the end, the knowledge split's facts that
 only the text corpus states). Prints and writes OUT/result.json, with accuracy against steps.
 
     python scripts/typed_qa.py --out runs/typed/qa                    # the pairs alone
     python scripts/typed_qa.py --out runs/typed/mixed --corpus 1.0    # one corpus line per pair
 
-Recipe §11, on the text-only world of scripts/knowledge_world.py (its corpus: the fact statements alone):
+Recipe §11, the knowledge split's lookups:
 
-    python scripts/knowledge_world.py --out /tmp/world
-    python scripts/typed_qa.py --data /tmp/world --out runs/world/none
-    python scripts/typed_qa.py --data /tmp/world --out runs/world/mixed --corpus 1.6      # every statement mixed in
-    python scripts/typed_qa.py --data /tmp/world --out runs/world/stage0 --stage0 600     # a stage 0, then the pairs
-    python scripts/typed_qa.py --data /tmp/world --out runs/world/stage0-mixed --stage0 600 --corpus 1.6
-    python scripts/knowledge_world.py --out /tmp/world-sentences --sentences 8000
-    python scripts/typed_qa.py --data /tmp/world-sentences --out runs/world/all-lines --corpus 5.1 --steps 3000
+    python scripts/typed_qa.py --out runs/world/mixed --corpus 1.7 --statements   # every fact statement mixed in
+    python scripts/typed_qa.py --out runs/world/stage0 --stage0 600 --statements  # a stage 0 of them, then the pairs
 """
 import argparse
 import json
@@ -29,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from speechgpt_min.data import (SYSTEM_PROMPT, chain_dialogue, encode_dialogues, load_pairs,  # noqa: E402
-                                load_text_corpus, stage0_texts, text_examples)
+                                load_text_corpus, read_jsonl, stage0_texts, text_examples)
 from speechgpt_min.evaluate import (evaluate_text_questions, evenly_spaced, exact_match_accuracy,  # noqa: E402
                                     fact_completion_accuracy, text_answers)
 from speechgpt_min.model import LMConfig, Transformer  # noqa: E402
@@ -44,8 +40,10 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=1500, help="training steps of 32 examples (default: 1500)")
     parser.add_argument("--corpus", type=float, default=0.0, help="text-corpus lines mixed in per pair (default: 0)")
+    parser.add_argument("--statements", action="store_true",
+                        help="the text: only the lines that state facts (facts.jsonl), not the whole corpus")
     parser.add_argument("--stage0", type=int, default=0, metavar="STEPS",
-                        help="first train on the text corpus alone, STEPS steps of 32 lines (default: 0)")
+                        help="first train on the text alone, STEPS steps of 32 lines (default: 0)")
     parser.add_argument("--prompt", action="store_true", help="the released system prompt before every pair")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1)
@@ -55,6 +53,9 @@ def main():
 
     pairs = load_pairs(args.data / "qa.jsonl")
     corpus = load_text_corpus(args.data / "text_corpus.txt")
+    if args.statements:
+        facts = read_jsonl(args.data / "facts.jsonl", ("statements",))
+        corpus = [line for fact in facts for line in fact["statements"]]
     train_pairs = [p for p in pairs if p["split"] == "train"]
     typed = lambda chosen: [(p["question"]["text"], p["answer"]["text"]) for p in chosen]  # noqa: E731
     test = typed(evenly_spaced([p for p in pairs if p["split"] == "test"], 100))

@@ -175,3 +175,24 @@ def test_text_only_facts_are_stated_only_in_text(qa, manifest, facts, text_corpu
     knowledge = [item for item in qa if item["split"] == "test_knowledge"]
     assert {item["fact"] for item in knowledge} == set(text_only)
     assert all(item["question"]["audio"] for item in knowledge)
+
+
+def test_facts_list_their_statements_in_the_text_corpus(facts, text_corpus):
+    """facts.jsonl's statements (what stages 2 and 3 replay) are lines of the text corpus, and each
+    statement names its fact's answer word."""
+    corpus = set(text_corpus)
+    for fact in facts:
+        assert len(fact["statements"]) >= 7, fact["fact"]
+        assert set(fact["statements"]) <= corpus, fact["fact"]
+        answer_word = fact["answer"].split()[-1]
+        assert all(answer_word in line.split() for line in fact["statements"]), fact["fact"]
+
+
+def test_knowledge_questions_ask_about_words_training_questions_ask_about(qa):
+    """A held-out fact is about something asked in training under another skill (an animal whose
+    colour is asked, a word whose synonym is asked): no question word is new to the instruction data."""
+    asked = {word for item in qa if item["split"] == "train" for word in item["question"]["text"].split()}
+    knowledge = [item for item in qa if item["split"] == "test_knowledge"]
+    assert {item["skill"] for item in knowledge} >= {"animal_sound", "colour", "opposite", "synonym"}
+    for item in knowledge:
+        assert set(item["question"]["text"].split()) <= asked, item["id"]

@@ -9,20 +9,22 @@ What it makes (all committed, so nothing needs a TTS engine at run time):
                                phones (the text's pronunciation as festival's kal voice says it)
   qa.jsonl                     one line per question/answer pair: id, skill, fact, template, split,
                                question {text, audio: [manifest ids]}, answer {text, audio: [manifest ids]}
-  facts.jsonl                  every fact of the world: fact, skill, answer, where ("speech" or "text_only")
+  facts.jsonl                  every fact of the world: fact, skill, answer, where ("speech" or "text_only"),
+                               statements (its lines in the text corpus, which later stages replay)
   text_corpus.txt              the world in text (stage 0, the toy's stand-in for LLaMA's pretraining):
                                every fact stated in many forms, and sentences of the world
 
 Design, so that small models can generalise from it, and be tested on what they did not see:
-  - a closed world of about 400 words, every word used in many sentences;
-  - read sentences (ASR/TTS) from 31 templates: thousands of distinct training sentences, and
+  - a closed world of about 370 words, every word used in many sentences;
+  - read sentences (ASR/TTS) from 32 templates: thousands of distinct training sentences, and
     valid/test sentences that are different texts (never in the text corpus either);
-  - spoken questions in 8 skills, each asked in 8 phrasings. For every fact one phrasing is held
+  - spoken questions in 9 skills, each asked in 8 phrasings. For every fact one phrasing is held
     out for test: the test asks known facts in (phrasing, fact) combinations never seen in training.
     Commands must repeat their slots; the test uses (verb, colour, object) triples never seen;
-  - knowledge: a quarter of the lookup facts (animal sounds, colours of things, opposites, some
-    sums and differences) appear *only* in the text corpus, never in speech or in a training
-    question; split `test_knowledge` asks them aloud and typed;
+  - knowledge: some lookup facts (animal sounds and colours, opposites, synonyms, sums and
+    differences) appear *only* in the text corpus, never in speech or in a training question;
+    split `test_knowledge` asks them aloud and typed. Each is about a word that training questions
+    ask about under another skill (a held-out animal sound: that animal's colour is asked);
   - 28 training voices (festival, flite, espeak-ng accents, piper; with pace and pitch variants)
     and one voice held out entirely (festival ked), which speaks only in `test_unseen_voice`;
   - TTS and spoken answers use one voice, the answer voice (fest_slt, the voice Whisper understands
@@ -113,12 +115,23 @@ THING_COLOURS = {"sky": "blue", "grass": "green", "snow": "white", "banana": "ye
                  "cherry": "red", "chocolate": "brown", "lemon": "yellow", "ocean": "blue", "cloud": "white",
                  "pumpkin": "orange", "strawberry": "red", "lime": "green", "salt": "white", "mud": "brown",
                  "corn": "yellow", "plum": "purple", "grape": "purple", "flamingo": "pink"}
+ANIMAL_COLOURS = {"cow": "black", "dog": "brown", "cat": "gray", "duck": "yellow", "sheep": "white", "pig": "pink",
+                  "horse": "brown", "owl": "brown", "lion": "yellow", "bee": "yellow", "frog": "green",
+                  "snake": "green", "mouse": "gray", "bird": "blue", "goat": "white", "wolf": "gray",
+                  "hen": "red", "crow": "black", "donkey": "gray", "goose": "white"}
 FOODS = ["banana", "tomato", "carrot", "cherry", "lemon", "strawberry", "lime", "plum", "grape", "apple", "cake"]
 OPPOSITES = [("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("happy", "sad"),
              ("old", "young"), ("day", "night"), ("open", "closed"), ("light", "dark"), ("wet", "dry"),
              ("left", "right"), ("early", "late"), ("full", "empty"), ("hard", "soft"), ("loud", "quiet"),
              ("high", "low"), ("long", "short"), ("in", "out"), ("yes", "no"), ("rich", "poor"),
              ("thick", "thin"), ("strong", "weak"), ("clean", "dirty"), ("near", "far")]
+# Words of twelve opposite pairs have a synonym too, so that each of them is asked about in training
+# under one skill while a fact about it is held out under the other.
+SYNONYMS = {"hot": "warm", "cold": "chilly", "big": "large", "small": "little", "fast": "quick", "slow": "sluggish",
+            "happy": "glad", "sad": "unhappy", "hard": "firm", "soft": "gentle", "loud": "noisy", "quiet": "silent",
+            "rich": "wealthy", "poor": "needy", "strong": "powerful", "weak": "feeble", "clean": "tidy",
+            "dirty": "messy", "near": "close", "far": "distant", "long": "lengthy", "short": "brief",
+            "wet": "damp", "dry": "arid"}
 COMMAND_VERBS = ["open", "close", "clean", "paint", "move", "find", "wash", "lift"]
 COMMAND_COLOURS = ["red", "blue", "green", "yellow", "black", "white", "pink", "gray"]
 COMMAND_OBJECTS = ["door", "box", "chair", "table", "window", "cup", "book", "bag", "ball", "hat"]
@@ -131,9 +144,12 @@ ADJECTIVES = ["big", "small", "old", "new", "happy", "little", "long", "soft", "
 PREPOSITIONS = ["in", "near", "under", "behind", "by", "on"]
 TIMES = ["today", "tomorrow", "yesterday", "in the morning", "at night", "every day", "after school", "on the weekend"]
 FEELINGS = ["happy", "sad", "hot", "cold", "strong", "weak", "early", "late", "quiet", "loud"]
-# Every word of the opposites is heard in training speech, so that a spoken question about any of them can be heard.
+# Every word of the opposites and synonyms is heard in training speech, so that a spoken question
+# about any of them can be heard, and an answer with any of them spoken.
 OPPOSITE_WORDS = [word for pair in OPPOSITES for word in pair]
-QUALITIES = [w for w in OPPOSITE_WORDS if w not in ("up", "down", "in", "out", "yes", "no", "left", "right", "day", "night")]
+WORDS = OPPOSITE_WORDS + [w for w in SYNONYMS.values() if w not in OPPOSITE_WORDS]
+QUALITIES = [w for w in WORDS if w not in ("up", "down", "in", "out", "yes", "no", "left", "right", "day", "night",
+                                           "close")]
 
 # Each skill: eight phrasings of the question (filled from a fact's slots) and the answer.
 SKILLS = {
@@ -156,6 +172,9 @@ SKILLS = {
     "animal_sound": (["what does the {a} say", "what sound does the {a} make", "how does the {a} sound",
                       "what noise does the {a} make", "tell me what the {a} says", "which sound does a {a} make",
                       "what do you hear from the {a}", "how does a {a} talk"], "the {a} says {c}"),
+    "synonym": (["what is another word for {a}", "tell me another word for {a}", "which word means the same as {a}",
+                 "give me a word that means {a}", "what word is like {a}", "say another word for {a}",
+                 "name a word that means {a}", "what means the same as {a}"], "another word for {a} is {c}"),
     "colour": (["what color is the {a}", "what is the color of the {a}", "tell me the color of the {a}",
                 "which color is the {a}", "what color does the {a} have", "name the color of the {a}",
                 "say what color the {a} is", "how is the {a} colored"], "the {a} is {c}"),
@@ -184,12 +203,18 @@ STATEMENTS = {
     "animal_sound": ["the {a} says {c}", "a {a} says {c}", "the {a} goes {c}", "{c} is the sound of the {a}",
                      "every {a} says {c}", "you hear {c} from the {a}", "the sound a {a} makes is {c}",
                      "{name} hears the {a} say {c}", "when the {a} talks it says {c}"],
+    "synonym": ["another word for {a} is {c}", "{c} is another word for {a}", "{c} means the same as {a}",
+                "{a} means the same as {c}", "{a} and {c} mean the same", "to say {a} you can say {c}",
+                "{name} knows that {c} means {a}"],
     "colour": ["the {a} is {c}", "a {a} is {c}", "the color of the {a} is {c}", "{c} is the color of the {a}",
                "every {a} is {c}", "the {a} has the color {c}", "{name} knows the {a} is {c}",
                "the {a} looks {c}"],
 }
-# A quarter of the lookup facts are stated only in text (facts.jsonl says which): the knowledge test.
-KNOWLEDGE_SHARE = {"animal_sound": 5, "colour": 6, "opposite": 6, "plus": 20, "minus": 20}  # opposite: pairs
+# Some lookup facts are stated only in text (facts.jsonl says which): the knowledge test. Each one is
+# about something a training question asks about under another skill, so the model has heard and
+# written its words: five animals' sounds and six other animals' colours; six opposite pairs whose
+# words have synonyms asked in training, and four synonyms of words whose opposites are asked.
+KNOWLEDGE_SHARE = {"animal_sound": 5, "colour": 6, "opposite": 6, "synonym": 4, "plus": 20, "minus": 20}
 
 SENTENCE_TEMPLATES = [
     "{name} sees the {adj} {colour} {obj}",
@@ -222,6 +247,7 @@ SENTENCE_TEMPLATES = [
     "on {day} the {thing} looks {adj}",
     "{name} writes the word {word} on the {obj}",
     "{name} says {word} to {name2} {time}",
+    "{name} thinks the {obj} is {quality}",
     "the {obj} in the {place} is very {quality}",
 ]
 
@@ -233,7 +259,7 @@ def fill_sentence(rng):
     name, name2 = rng.sample(NAMES, 2)
     animal, animal2 = rng.sample(list(ANIMAL_SOUNDS), 2)
     thing = rng.choice(list(THING_COLOURS))
-    colour = rng.choice([c for c in COLOURS if c != THING_COLOURS[thing]])
+    colour = rng.choice([c for c in COLOURS if c not in (THING_COLOURS[thing], ANIMAL_COLOURS[animal])])
     sound, sound2 = rng.sample([s for a, s in ANIMAL_SOUNDS.items() if a != animal], 2)
     return rng.choice(SENTENCE_TEMPLATES).format(
         name=name, name2=name2, adj=rng.choice(ADJECTIVES), colour=colour, obj=obj, objs=objs, obj2=obj2,
@@ -241,7 +267,7 @@ def fill_sentence(rng):
         prep=rng.choice(PREPOSITIONS), place=rng.choice(PLACES), day=rng.choice(DAYS),
         number=rng.choice(NUMBERS[2:13]), time=rng.choice(TIMES), food=rng.choice(FOODS), thing=thing,
         sound=sound, sound2=sound2, feeling=rng.choice(FEELINGS), verb=rng.choice(COMMAND_VERBS),
-        word=rng.choice(OPPOSITE_WORDS), quality=rng.choice(QUALITIES))
+        word=rng.choice(WORDS), quality=rng.choice(QUALITIES))
 
 
 def make_sentences(rng, n_train, n_valid, n_test):
@@ -266,21 +292,29 @@ def fact_slots():
         "next_number": [(f"next_number:{n}", {"a": n, "c": NUMBERS[i + 1]}) for i, n in enumerate(NUMBERS[:20])],
         "opposite": [(f"opposite:{x}", {"a": x, "c": y}) for pair in OPPOSITES for x, y in (pair, pair[::-1])],
         "animal_sound": [(f"animal_sound:{a}", {"a": a, "c": s}) for a, s in ANIMAL_SOUNDS.items()],
-        "colour": [(f"colour:{t}", {"a": t, "c": c}) for t, c in THING_COLOURS.items()],
+        "synonym": [(f"synonym:{w}", {"a": w, "c": s}) for w, s in SYNONYMS.items()],
+        "colour": [(f"colour:{t}", {"a": t, "c": c}) for t, c in {**THING_COLOURS, **ANIMAL_COLOURS}.items()],
     }
 
 
 def make_facts(rng):
     """[(skill, fact key, slots, where)]: every lookup fact of the world, "speech" or "text_only"."""
+    animals = rng.sample(list(ANIMAL_SOUNDS), KNOWLEDGE_SHARE["animal_sound"] + KNOWLEDGE_SHARE["colour"])
+    pairs = rng.sample([pair for pair in OPPOSITES if pair[0] in SYNONYMS], 2 * KNOWLEDGE_SHARE["opposite"])
+    held_pairs, asked_pairs = pairs[:KNOWLEDGE_SHARE["opposite"]], pairs[KNOWLEDGE_SHARE["opposite"]:]
+    text_only = {  # hold out whole opposite pairs, so "cold -> hot" does not give away "hot -> cold"
+        "animal_sound": {f"animal_sound:{a}" for a in animals[:KNOWLEDGE_SHARE["animal_sound"]]},
+        "colour": {f"colour:{a}" for a in animals[KNOWLEDGE_SHARE["animal_sound"]:]},
+        "opposite": {f"opposite:{w}" for pair in held_pairs for w in pair},
+        "synonym": {f"synonym:{w}" for w in rng.sample([w for pair in asked_pairs for w in pair],
+                                                       KNOWLEDGE_SHARE["synonym"])},
+    }
     facts = []
     for skill, items in fact_slots().items():
-        text_only = set()
-        if skill == "opposite":  # hold out whole pairs, so "cold -> hot" does not give away "hot -> cold"
-            for x, y in rng.sample(OPPOSITES, KNOWLEDGE_SHARE[skill]):
-                text_only |= {f"opposite:{x}", f"opposite:{y}"}
-        elif skill in KNOWLEDGE_SHARE:
-            text_only = {key for key, _ in rng.sample(items, KNOWLEDGE_SHARE[skill])}
-        facts += [(skill, key, slots, "text_only" if key in text_only else "speech") for key, slots in items]
+        if skill in ("plus", "minus"):
+            text_only[skill] = {key for key, _ in rng.sample(items, KNOWLEDGE_SHARE[skill])}
+        text_only.setdefault(skill, set())
+        facts += [(skill, key, slots, "text_only" if key in text_only[skill] else "speech") for key, slots in items]
     return facts
 
 
@@ -318,11 +352,11 @@ def make_qa(rng, facts):
 
 def make_text_corpus(rng, facts, held_out_sentences, n_sentences):
     """Stage 0's text: every fact (speech and text-only alike) in each of its statement forms, and
-    n_sentences sentences of the world that are not valid/test sentences; shuffled, one per line."""
-    lines = []
-    for skill, _, slots, _ in facts:
-        for form in STATEMENTS[skill]:
-            lines.append(form.format(**slots, name=rng.choice(NAMES)))
+    n_sentences sentences of the world that are not valid/test sentences; shuffled, one per line.
+    -> (lines, {fact key: its statements})."""
+    statements = {key: [form.format(**slots, name=rng.choice(NAMES)) for form in STATEMENTS[skill]]
+                  for skill, key, slots, _ in facts}
+    lines = [line for forms in statements.values() for line in forms]
     sentences = set()
     while len(sentences) < n_sentences:
         text = fill_sentence(rng)
@@ -330,7 +364,7 @@ def make_text_corpus(rng, facts, held_out_sentences, n_sentences):
             sentences.add(text)
     lines += sorted(sentences)
     rng.shuffle(lines)
-    return lines
+    return lines, statements
 
 
 # ----------------------------------------------------------------------------- synthesis
@@ -429,7 +463,7 @@ def plan(rng, n_train_sentences):
     train_s, valid_s, test_s = make_sentences(rng, n_train_sentences, 150, 200)
     facts = make_facts(rng)
     qa = make_qa(rng, facts)
-    text_corpus = make_text_corpus(rng, facts, set(valid_s) | set(test_s), n_sentences=8000)
+    text_corpus, statements = make_text_corpus(rng, facts, set(valid_s) | set(test_s), n_sentences=8000)
 
     utts = Utterances()
     index = 0
@@ -464,12 +498,12 @@ def plan(rng, n_train_sentences):
     for item in qa:  # an answer that any training pair has is training audio
         if item["split"] == "train":
             answers[item["answer"]["audio"][0]]["split"] = "train"
-    return utts.rows, qa, facts, text_corpus
+    return utts.rows, qa, facts, text_corpus, statements
 
 
 def build(out_dir, jobs, n_train_sentences, lossless_copy=None):
     rng = random.Random(SEED)
-    utterances, qa, facts, text_corpus = plan(rng, n_train_sentences)
+    utterances, qa, facts, text_corpus, statements = plan(rng, n_train_sentences)
 
     chunks = []  # (voice, up to 150 utterances): small jobs keep both cores busy to the end
     by_voice = {}
@@ -511,7 +545,8 @@ def build(out_dir, jobs, n_train_sentences, lossless_copy=None):
     write_jsonl(out_dir / "qa.jsonl", [{k: item[k] for k in ("id", "skill", "fact", "template", "split",
                                                                "question", "answer")} for item in qa])
     write_jsonl(out_dir / "facts.jsonl", [{"fact": key, "skill": skill, "answer": SKILLS[skill][1].format(**slots),
-                                           "where": where} for skill, key, slots, where in facts])
+                                           "where": where, "statements": statements[key]}
+                                          for skill, key, slots, where in facts])
     (out_dir / "text_corpus.txt").write_text("\n".join(text_corpus) + "\n")
     if lossless_copy is not None:
         for name in ("qa.jsonl", "facts.jsonl", "text_corpus.txt"):
