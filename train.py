@@ -11,12 +11,14 @@ Steps, in order (each writes into the run directory and adds its numbers to repo
           how alike one sentence's units are in two voices.
   stage0  text pretraining: the LM learns the corpus's text and answers the training questions typed
           (the toy's stand-in for what LLaMA brings: the world's facts, learnt from text, and answering
-          in text). The toy preset skips it, stage0.steps=0: in the toy it has not yet carried a fact
-          from text to speech, and every speech score is better without it (docs/recipe.md §9);
-          --set stage0.steps=1000 runs it. --no-text-pretraining skips it in any preset.
+          in text). The toy preset skips it, stage0.steps=0: it slows the speech stages down
+          (docs/recipe.md §9); --set stage0.steps=1000 runs it. The toy reads the text in stage 2
+          instead: the corpus's fact statements mixed in (text_replay, recipe §12).
+          --no-text-pretraining reads no text at all: no stage 0, no statements mixed in.
   stage1  modality adaptation: the LM learns unit sequences of the training speech (the toy preset
           skips it, stage1.steps=0: in its budget it slowed stage 2 down; docs/recipe.md).
-  stage2  cross-modal instruction: ASR (every voice) and TTS (the answer voice), every weight trained.
+  stage2  cross-modal instruction: ASR (every voice) and TTS (the answer voice), every weight trained,
+          with the text corpus's fact statements mixed in (text_replay.stage2 copies of each).
   stage3  chain of modality: spoken question -> transcript -> text answer -> spoken answer (LoRA).
   vocoder the toy's mel vocoder (units -> log-mel with context -> Griffin-Lim, mel_vocoder.py), trained
           on the answer voice's training speech and its units.
@@ -66,7 +68,8 @@ DEFAULTS = {
         units="phones", phone_epochs=[2, 2], phone_recognizer=dict(channels=192),  # the toy's ears (phones.py)
         phone_speeds=[0.9, 1.1],   # speed-perturbed copies of the training speech in its round 2
         hubert_preset="toy", n_units=100, hubert_steps=[700], target_layer=0, unit_layer=1,  # with units=hubert
-        lm_preset="toy", lm={}, block_size=256, answer_voice=ANSWER_VOICE, text_replay=0.3, typed_qa=4,
+        lm_preset="toy", lm={}, block_size=256, answer_voice=ANSWER_VOICE, typed_qa=4,
+        text_replay=dict(stage2=1, stage3=0),  # each fact statement mixed in this many times (recipe §12)
         stage0=dict(steps=0, batch_size=64, lr=2e-3, min_lr=2e-4, warmup_steps=20),  # 0: skipped; 1000 to run it
         stage1=dict(steps=0, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=5),   # 0: skipped (recipe §3, §9)
         stage2=dict(steps=3000, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=20),   # still learning at 3000
@@ -84,7 +87,8 @@ DEFAULTS = {
     "smoke": dict(
         units="phones", phone_epochs=[1, 1], phone_recognizer=dict(channels=32), phone_speeds=[1.1],
         hubert_preset="toy", n_units=20, hubert_steps=[2, 2], target_layer=2, unit_layer=3,
-        lm_preset="toy", lm={}, block_size=64, answer_voice=ANSWER_VOICE, text_replay=0.3, typed_qa=1,
+        lm_preset="toy", lm={}, block_size=64, answer_voice=ANSWER_VOICE, typed_qa=1,
+        text_replay=dict(stage2=1, stage3=1),
         stage0=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
         stage1=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
         stage2=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
@@ -148,7 +152,8 @@ def parse_args(argv=None):
                         help="corpus directory with manifest.jsonl, qa.jsonl, text_corpus.txt (default: tiny_data/)")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<preset>)")
     parser.add_argument("--no-text-pretraining", action="store_true",
-                        help="skip stage 0: the LM starts from nothing at stage 1 (to measure what the text brings)")
+                        help="no text: skip stage 0 and the fact statements replayed in stages 2 and 3 (to "
+                             "measure what the text brings)")
     parser.add_argument("--init-from", type=Path, default=None, metavar="DIR",
                         help="start the LM from an HF LLaMA directory (e.g. SmolLM2-135M, LLaMA-7B), "
                              "growing its vocabulary by the unit and special tokens")
@@ -218,9 +223,15 @@ def main(argv=None):
     steps = [s for s in STEPS if not skipped(args, settings, s)]
     if args.stage != "all" and skipped(args, settings, args.stage):
         raise UserError(f"--stage {args.stage}: the settings skip it (--no-text-pretraining, or 0 steps)")
+    for stage, copies in settings["text_replay"].items():
+        if stage not in ("stage2", "stage3") or not isinstance(copies, int) or copies < 0:
+            raise UserError(f"text_replay.{stage}={copies!r}: how many times stage2 or stage3 replays each fact "
+                            f"statement, a whole number (0: none)")
     corpus = Corpus(args, settings)  # checks the whole corpus before any work
     if "stage0" in steps and args.stage in ("all", "stage0"):
         corpus.text_corpus()
+    if not args.no_text_pretraining and any(settings["text_replay"].values()) and args.stage in ("all", "stage2", "stage3"):
+        corpus.fact_statements()
     args.out.mkdir(parents=True, exist_ok=True)
     report_path = args.out / "report.json"
     keep = report_path.exists() and (args.stage != "all" or args.resume)

@@ -147,6 +147,19 @@ def stage0_examples(settings, corpus, tokenizer, context, seed):
     return examples
 
 
+def replay_examples(args, settings, corpus, tokenizer, stage):
+    """Text replay: the corpus's fact statements, each text_replay[stage] times, mixed into the stage's
+    examples, so that learning to hear, speak and answer does not wash out the facts the text taught
+    (catastrophic forgetting). Without a stage 0 it is the only text the LM reads;
+    --no-text-pretraining turns it off with stage 0."""
+    copies = settings["text_replay"].get(stage, 0)
+    if args.no_text_pretraining or copies == 0:
+        return []
+    statements = corpus.fact_statements() * copies
+    print(f"{stage}: {len(statements)} fact statements replayed ({copies} x each)")
+    return text_examples(tokenizer, statements)
+
+
 def step_stage1(args, settings, report, corpus):
     """Modality adaptation: next-unit prediction on the training speech's unit sequences."""
     units = corpus.units()
@@ -170,12 +183,7 @@ def step_stage2(args, settings, report, corpus):
                  for split in ("train", "valid")}
     train_set = encode_dialogues(tokenizer, dialogues["train"], context)
     val_set = encode_dialogues(tokenizer, dialogues["valid"], context)
-    if not skipped(args, settings, "stage0") and settings["text_replay"] > 0:
-        # Text replay: stage 0's lines mixed in (text_replay per instruction example), so that learning
-        # to read and write units does not wash out what the text taught (catastrophic forgetting).
-        text = stage0_examples(settings, corpus, tokenizer, context, args.seed + 1)
-        train_set += text[:int(settings["text_replay"] * len(train_set))]
-        print(f"stage2: {len(train_set)} training examples, text replay {settings['text_replay']}")
+    train_set += replay_examples(args, settings, corpus, tokenizer, "stage2")
     others, _ = corpus.sentences("valid", voice)
     watched = [(units[r["id"]], r["text"]) for r in evenly_spaced(others, settings["watch"])]
 
@@ -198,6 +206,7 @@ def step_stage3(args, settings, report, corpus):
     inject(model, lora)
     context = model.config.max_seq_len
     train_set = encode_dialogues(tokenizer, stage3_dialogues(in_split(corpus.pairs, "train"), units, args.seed), context)
+    train_set += replay_examples(args, settings, corpus, tokenizer, "stage3")
     val_set = encode_dialogues(tokenizer, stage3_dialogues(in_split(corpus.pairs, "valid"), units, args.seed), context)
     watched = evenly_spaced(corpus.spoken_questions("valid", "valid", units), settings["watch"])
 

@@ -3,12 +3,13 @@
     corpus = Corpus(args, settings)       # manifest.jsonl and qa.jsonl checked before any work
     corpus.rows, corpus.pairs             # utterances, question/answer pairs
     corpus.units(), corpus.n_units()      # units.jsonl, after the units step wrote it
+    corpus.text_corpus(), corpus.fact_statements()   # stage 0's text; the fact statements replayed later
     corpus.sentences(split, voice), corpus.spoken_questions(...), corpus.typed_questions(split)
 
 A mistake in the command line or the inputs is a UserError: train.py prints it as one line. Every
 step raises it (speech_steps.py, lm_stages.py), so it lives here, below them all.
 """
-from speechgpt_min.data import DataError, check_corpus, load_text_corpus
+from speechgpt_min.data import DataError, check_corpus, load_text_corpus, read_jsonl
 from speechgpt_min.units import read_run_units
 
 
@@ -33,6 +34,18 @@ class Corpus:
             return load_text_corpus(self.data / "text_corpus.txt")
         except DataError as error:
             raise UserError(f"{error}; or skip stage 0 with --no-text-pretraining") from None
+
+    def fact_statements(self):
+        """The lines of the text corpus that state the world's facts (facts.jsonl's "statements"), which
+        stages 2 and 3 replay; a corpus without facts.jsonl replays every line of its text corpus."""
+        path = self.data / "facts.jsonl"
+        if not path.is_file():
+            return self.text_corpus()
+        try:
+            facts = read_jsonl(path, ("fact", "statements"))
+        except DataError as error:
+            raise UserError(str(error)) from None
+        return [line for fact in facts for line in fact["statements"]]
 
     def n_units(self):
         """K, the unit vocabulary: the phone recogniser's phones, or the k-means size."""

@@ -30,7 +30,7 @@ def run_train(*args):
 
 def slice_corpus(out, tiny_data):
     """A slice of tiny_data in `out`: a few sentences of every split (the answer voice's too), a few
-    question/answer pairs of every split, and the start of the text corpus."""
+    question/answer pairs of every split, and the start of the text corpus and of the facts."""
     rows = [json.loads(line) for line in (tiny_data / "manifest.jsonl").read_text().splitlines()]
     pairs = [json.loads(line) for line in (tiny_data / "qa.jsonl").read_text().splitlines()]
     spoken = [p for p in pairs if p["question"]["audio"]]
@@ -53,6 +53,7 @@ def slice_corpus(out, tiny_data):
     (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen_rows))
     (out / "qa.jsonl").write_text("".join(json.dumps(p) + "\n" for p in chosen_pairs))
     (out / "text_corpus.txt").write_text("\n".join((tiny_data / "text_corpus.txt").read_text().splitlines()[:300]) + "\n")
+    (out / "facts.jsonl").write_text("".join((tiny_data / "facts.jsonl").read_text().splitlines(keepends=True)[:20]))
     return out
 
 
@@ -201,6 +202,8 @@ def test_skipped_stages_hand_their_place_to_the_last_stage_that_ran():
     assert previous_lm_stage(with_text, DEFAULTS["smoke"], "stage2") == "stage1"
     with pytest.raises(UserError, match="the settings skip it"):
         main(["--preset", "smoke", "--set", "stage1.steps=0", "--stage", "stage1"])
+    with pytest.raises(UserError, match="text_replay.stage2=0.5: how many times"):
+        main(["--preset", "smoke", "--set", "text_replay.stage2=0.5", "--stage", "stage2"])
 
 
 def test_stage0_reads_the_text_and_answers_typed_training_questions(small_corpus, tmp_path):
@@ -225,3 +228,34 @@ def test_stage0_reads_the_text_and_answers_typed_training_questions(small_corpus
         assert len(typed) == copies * len(questions)
         targets = [tokenizer.decode([t for t in e.labels if t >= 0]) for e in typed]  # the loss is on the answers
         assert all(any(f"[ta] {p['answer']['text']}" in target for target in targets) for p in questions) or not copies
+
+
+def test_stages_2_and_3_replay_the_fact_statements(small_corpus, tmp_path):
+    """Text replay mixes facts.jsonl's statements into stages 2 and 3, text_replay.STAGE copies of each (a
+    corpus without facts.jsonl replays its whole text corpus); --no-text-pretraining reads no text."""
+    from argparse import Namespace
+
+    from speechgpt_min.data import load_text_corpus, text_examples
+    from speechgpt_min.lm_stages import replay_examples
+    from speechgpt_min.run_corpus import Corpus
+    from speechgpt_min.tokenizer import Tokenizer
+    from train import DEFAULTS, apply_overrides
+
+    statements = [line for line in (small_corpus / "facts.jsonl").read_text().splitlines()]
+    statements = [s for fact in map(json.loads, statements) for s in fact["statements"]]
+    lines = load_text_corpus(small_corpus / "text_corpus.txt")
+    tokenizer = Tokenizer.train(lines + statements, n_units=4)
+    corpus = Corpus(Namespace(data=small_corpus, out=tmp_path), DEFAULTS["smoke"])
+    with_text, without_text = Namespace(no_text_pretraining=False), Namespace(no_text_pretraining=True)
+    for copies in (0, 1, 3):
+        settings = apply_overrides(DEFAULTS["smoke"], [f"text_replay.stage2={copies}"])
+        examples = replay_examples(with_text, settings, corpus, tokenizer, "stage2")
+        expected = text_examples(tokenizer, statements * copies)
+        assert sorted(e.tokens for e in examples) == sorted(e.tokens for e in expected)
+        assert replay_examples(without_text, settings, corpus, tokenizer, "stage3") == []
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("manifest.jsonl", "qa.jsonl", "text_corpus.txt", "audio", "alignments"):
+        (bare / name).symlink_to(small_corpus / name)
+    corpus = Corpus(Namespace(data=bare, out=tmp_path), DEFAULTS["smoke"])
+    assert corpus.fact_statements() == lines
