@@ -230,7 +230,8 @@ def main(argv=None):
     corpus = Corpus(args, settings)  # checks the whole corpus before any work
     if "stage0" in steps and args.stage in ("all", "stage0"):
         corpus.text_corpus()
-    if not args.no_text_pretraining and any(settings["text_replay"].values()) and args.stage in ("all", "stage2", "stage3"):
+    replaying = not args.no_text_pretraining and any(settings["text_replay"].values())
+    if replaying and args.stage in ("all", "stage2", "stage3"):
         corpus.fact_statements()
     args.out.mkdir(parents=True, exist_ok=True)
     report_path = args.out / "report.json"

@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from speechgpt_min.data import (SYSTEM_PROMPT, chain_dialogue, encode_dialogues, load_pairs,  # noqa: E402
-                                load_text_corpus, read_jsonl, stage0_texts, text_examples)
+                                load_fact_statements, load_text_corpus, stage0_texts,
+                                text_examples)
 from speechgpt_min.evaluate import (evaluate_text_questions, evenly_spaced, exact_match_accuracy,  # noqa: E402
                                     fact_completion_accuracy, text_answers)
 from speechgpt_min.model import LMConfig, Transformer  # noqa: E402
@@ -54,8 +55,7 @@ def main():
     pairs = load_pairs(args.data / "qa.jsonl")
     corpus = load_text_corpus(args.data / "text_corpus.txt")
     if args.statements:
-        facts = read_jsonl(args.data / "facts.jsonl", ("statements",))
-        corpus = [line for fact in facts for line in fact["statements"]]
+        corpus = load_fact_statements(args.data / "facts.jsonl")
     train_pairs = [p for p in pairs if p["split"] == "train"]
     typed = lambda chosen: [(p["question"]["text"], p["answer"]["text"]) for p in chosen]  # noqa: E731
     test = typed(evenly_spaced([p for p in pairs if p["split"] == "test"], 100))

@@ -171,6 +171,11 @@ def load_text_corpus(path):
     return lines
 
 
+def load_fact_statements(path):
+    """The text corpus's lines that state the world's facts: every fact's "statements" in facts.jsonl."""
+    return [line for fact in read_jsonl(path, ("fact", "statements")) for line in fact["statements"]]
+
+
 def check_corpus(data_dir, splits=("train", "valid", "test")):
     """Everything about a corpus directory that would stop a run later, found before any training.
 

@@ -9,7 +9,7 @@
 A mistake in the command line or the inputs is a UserError: train.py prints it as one line. Every
 step raises it (speech_steps.py, lm_stages.py), so it lives here, below them all.
 """
-from speechgpt_min.data import DataError, check_corpus, load_text_corpus, read_jsonl
+from speechgpt_min.data import DataError, check_corpus, load_fact_statements, load_text_corpus
 from speechgpt_min.units import read_run_units
 
 
@@ -42,10 +42,9 @@ class Corpus:
         if not path.is_file():
             return self.text_corpus()
         try:
-            facts = read_jsonl(path, ("fact", "statements"))
+            return load_fact_statements(path)
         except DataError as error:
             raise UserError(str(error)) from None
-        return [line for fact in facts for line in fact["statements"]]
 
     def n_units(self):
         """K, the unit vocabulary: the phone recogniser's phones, or the k-means size."""
