@@ -18,7 +18,9 @@ Steps, in order (each writes into the run directory and adds its numbers to repo
   stage1  modality adaptation: the LM learns unit sequences of the training speech (the toy preset
           skips it, stage1.steps=0: in its budget it slowed stage 2 down; docs/recipe.md).
   stage2  cross-modal instruction: ASR (every voice) and TTS (the answer voice), every weight trained,
-          with the text corpus's fact statements mixed in (text_replay.stage2 copies of each).
+          with the text corpus's fact statements mixed in, packed into blocks (text_replay.stage2
+          copies of each), and, if typed_qa.stage2 > 0, that many copies of the training questions
+          typed (recipe §13 measures both).
   stage3  chain of modality: spoken question -> transcript -> text answer -> spoken answer (LoRA).
   vocoder the toy's mel vocoder (units -> log-mel with context -> Griffin-Lim, mel_vocoder.py), trained
           on the answer voice's training speech and its units.
@@ -68,7 +70,8 @@ DEFAULTS = {
         units="phones", phone_epochs=[2, 2], phone_recognizer=dict(channels=192),  # the toy's ears (phones.py)
         phone_speeds=[0.9, 1.1],   # speed-perturbed copies of the training speech in its round 2
         hubert_preset="toy", n_units=100, hubert_steps=[700], target_layer=0, unit_layer=1,  # with units=hubert
-        lm_preset="toy", lm={}, block_size=256, answer_voice=ANSWER_VOICE, typed_qa=4,
+        lm_preset="toy", lm={}, block_size=256, answer_voice=ANSWER_VOICE,
+        typed_qa=dict(stage0=4, stage2=0),  # copies of the training pairs, typed, mixed into a stage (recipe §13)
         text_replay=dict(stage2=1, stage3=0),  # each fact statement mixed in this many times (recipe §12)
         stage0=dict(steps=0, batch_size=64, lr=2e-3, min_lr=2e-4, warmup_steps=20),  # 0: skipped; 1000 to run it
         stage1=dict(steps=0, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=5),   # 0: skipped (recipe §3, §9)
@@ -87,8 +90,8 @@ DEFAULTS = {
     "smoke": dict(
         units="phones", phone_epochs=[1, 1], phone_recognizer=dict(channels=32), phone_speeds=[1.1],
         hubert_preset="toy", n_units=20, hubert_steps=[2, 2], target_layer=2, unit_layer=3,
-        lm_preset="toy", lm={}, block_size=64, answer_voice=ANSWER_VOICE, typed_qa=1,
-        text_replay=dict(stage2=1, stage3=1),
+        lm_preset="toy", lm={}, block_size=64, answer_voice=ANSWER_VOICE,
+        typed_qa=dict(stage0=1, stage2=1), text_replay=dict(stage2=1, stage3=1),
         stage0=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
         stage1=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
         stage2=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
@@ -223,10 +226,13 @@ def main(argv=None):
     steps = [s for s in STEPS if not skipped(args, settings, s)]
     if args.stage != "all" and skipped(args, settings, args.stage):
         raise UserError(f"--stage {args.stage}: the settings skip it (--no-text-pretraining, or 0 steps)")
-    for stage, copies in settings["text_replay"].items():
-        if stage not in ("stage2", "stage3") or not isinstance(copies, int) or copies < 0:
-            raise UserError(f"text_replay.{stage}={copies!r}: how many times stage2 or stage3 replays each fact "
-                            f"statement, a whole number (0: none)")
+    mixes = dict(text_replay=(("stage2", "stage3"), "each fact statement"),
+                 typed_qa=(("stage0", "stage2"), "each typed training question"))
+    for name, (stages, what) in mixes.items():
+        for stage, copies in settings[name].items():
+            if isinstance(copies, bool) or not isinstance(copies, (int, float)) or copies < 0:
+                raise UserError(f"{name}.{stage}={copies!r}: how many times {' or '.join(stages)} mixes in {what} "
+                                f"(a number: 0 none, 0.25 a quarter of them, 2 twice)")
     corpus = Corpus(args, settings)  # checks the whole corpus before any work
     if "stage0" in steps and args.stage in ("all", "stage0"):
         corpus.text_corpus()

@@ -110,15 +110,13 @@ def step_stage0(args, settings, report, corpus):
     train_set = stage0_examples(settings, corpus, tokenizer, model.config.max_seq_len, args.seed)
     valid_sentences, _ = corpus.sentences("valid", answer_voice=None)  # sentences the text corpus never states
     val_set = text_examples(tokenizer, sorted({r["text"] for r in valid_sentences}))
-    facts = {p["answer"]["text"] for p in corpus.pairs
-             if p["split"] in ("valid", "test_knowledge") and p.get("skill") != "command"}
-    watched = evenly_spaced(sorted(facts), 2 * settings["watch"])
+    watched = watched_facts(settings, corpus)
     typed = evenly_spaced(corpus.typed_questions("valid"), 2 * settings["watch"])
 
     def score(lm):  # does the model complete the statement of a fact, and answer a typed question?
         sgpt = SpeechGPT(lm, tokenizer)
         scores = {"fact_accuracy": fact_completion_accuracy(sgpt, watched)}
-        if settings["typed_qa"]:
+        if settings["typed_qa"].get("stage0"):
             scores["typed_accuracy"] = evaluate_text_questions(sgpt, typed, settings["eval_tokens"]["chain"], progress=False)
         return scores
 
@@ -134,30 +132,58 @@ def step_stage0(args, settings, report, corpus):
 
 
 def stage0_examples(settings, corpus, tokenizer, context, seed):
-    """Stage 0's text: the corpus's lines, and (typed_qa > 0) that many copies of the training pairs as
-    typed questions in the chain's text-to-text format. The toy's stand-in for what an LLM brings to
-    SpeechGPT: it knows the world from text and already answers questions typed to it, so stage 3 only
-    has to chain hearing, answering and speaking."""
+    """Stage 0's text: the corpus's lines, and typed_qa.stage0 copies of the training pairs as typed
+    questions (typed_pairs). The toy's stand-in for what an LLM brings to SpeechGPT: it knows the world
+    from text and already answers questions typed to it, so stage 3 only has to chain hearing,
+    answering and speaking."""
     examples = text_examples(tokenizer, stage0_texts(corpus.text_corpus(), seed))
-    if settings["typed_qa"]:
-        pairs = in_split(corpus.pairs, "train")
-        typed = encode_dialogues(tokenizer, stage3_dialogues(pairs, {}, seed, variants=("t2t",)), context)
-        examples += typed * settings["typed_qa"]
-        random.Random(seed).shuffle(examples)
+    examples += typed_pairs(settings, corpus, tokenizer, context, seed, "stage0")
+    random.Random(seed).shuffle(examples)
     return examples
+
+
+def watched_facts(settings, corpus):
+    """A few facts' statements ("the owl is brown") for a stage to complete at every evaluation: held-out
+    facts (valid), and facts that only the text states (test_knowledge)."""
+    facts = {p["answer"]["text"] for p in corpus.pairs
+             if p["split"] in ("valid", "test_knowledge") and p.get("skill") != "command"}
+    return evenly_spaced(sorted(facts), 2 * settings["watch"])
+
+
+def copies_of(items, copies, seed):
+    """`copies` times the list; a fractional part adds that share of it, chosen by `seed`
+    (2.25 -> twice every item, then a quarter of them once more)."""
+    whole, part = int(copies), copies - int(copies)
+    return list(items) * whole + random.Random(seed).sample(list(items), round(part * len(items)))
+
+
+def typed_pairs(settings, corpus, tokenizer, context, seed, stage):
+    """typed_qa[stage] copies of the training pairs as typed questions, in the chain's text-to-text format
+    ("[Human]: what is two plus three <eoh> [SpeechGPT]: [ta] two plus three is five<eoa>"). In stage 2,
+    beside the fact statements, the LM learns to answer from the facts with every weight (recipe §13)."""
+    copies = settings["typed_qa"].get(stage, 0)
+    if copies == 0:
+        return []
+    pairs = stage3_dialogues(in_split(corpus.pairs, "train"), {}, seed, variants=("t2t",))
+    typed = copies_of(encode_dialogues(tokenizer, pairs, context), copies, seed)
+    print(f"{stage}: {len(typed)} typed questions ({copies} x each training pair)")
+    return typed
 
 
 def replay_examples(args, settings, corpus, tokenizer, stage):
     """Text replay: the corpus's fact statements, each text_replay[stage] times, mixed into the stage's
-    examples, so that learning to hear, speak and answer does not wash out the facts the text taught
-    (catastrophic forgetting). Without a stage 0 it is the only text the LM reads;
-    --no-text-pretraining turns it off with stage 0."""
+    examples, so that the LM learns the facts beside hearing, speaking and answering, and keeps them
+    (no catastrophic forgetting). They are packed into blocks of block_size tokens, as pretraining text
+    is: a statement of ten tokens alone in an example would be padded to its batch's longest dialogue,
+    and a block carries some twenty of them for about the same compute (recipe §13). Without a stage 0
+    it is the only text the LM reads; --no-text-pretraining turns it off with stage 0."""
     copies = settings["text_replay"].get(stage, 0)
     if args.no_text_pretraining or copies == 0:
         return []
-    statements = corpus.fact_statements() * copies
-    print(f"{stage}: {len(statements)} fact statements replayed ({copies} x each)")
-    return text_examples(tokenizer, statements)
+    statements = stage0_texts(copies_of(corpus.fact_statements(), copies, args.seed), args.seed)
+    blocks = pack_blocks(tokenizer, statements, settings["block_size"])
+    print(f"{stage}: {len(statements)} fact statements replayed ({copies} x each), in {len(blocks)} blocks")
+    return blocks
 
 
 def step_stage1(args, settings, report, corpus):
@@ -184,18 +210,27 @@ def step_stage2(args, settings, report, corpus):
     train_set = encode_dialogues(tokenizer, dialogues["train"], context)
     val_set = encode_dialogues(tokenizer, dialogues["valid"], context)
     train_set += replay_examples(args, settings, corpus, tokenizer, "stage2")
+    train_set += typed_pairs(settings, corpus, tokenizer, context, args.seed, "stage2")
     others, _ = corpus.sentences("valid", voice)
     watched = [(units[r["id"]], r["text"]) for r in evenly_spaced(others, settings["watch"])]
+    typed = evenly_spaced(corpus.typed_questions("valid"), 2 * settings["watch"]) if settings["typed_qa"].get("stage2") else []
+    facts = watched_facts(settings, corpus) if not args.no_text_pretraining and settings["text_replay"].get("stage2") else []
 
-    def score(lm):
+    def score(lm):  # does the model hear, and (with text mixed in) complete a fact and answer a typed question?
         sgpt = SpeechGPT(lm, tokenizer)
-        return {"asr_cer": evaluate_asr(sgpt, watched, settings["eval_tokens"]["asr"], progress=False)["cer"]}
+        scores = {"asr_cer": evaluate_asr(sgpt, watched, settings["eval_tokens"]["asr"], progress=False)["cer"]}
+        if facts:
+            scores["fact_accuracy"] = fact_completion_accuracy(sgpt, facts)
+        if typed:
+            scores["typed_accuracy"] = evaluate_text_questions(sgpt, typed, settings["eval_tokens"]["chain"], progress=False)
+        return scores
 
     history = train(model, train_set, train_config(args, settings, "stage2"), val_set, score if watched else None)
     save_stage(args, "stage2", model, tokenizer)
     report["stage2.val_loss"] = val_loss(history)
-    print(f"stage2: validation loss {report['stage2.val_loss']}, ASR CER on {len(watched)} valid "
-          f"sentences {history[-1].get('asr_cer')}")
+    watched_scores = ", ".join(f"{key} {history[-1][key]:.2f}" for key in ("asr_cer", "fact_accuracy", "typed_accuracy")
+                               if key in history[-1])
+    print(f"stage2: validation loss {report['stage2.val_loss']}; on a few held-out examples: {watched_scores}")
 
 
 def step_stage3(args, settings, report, corpus):

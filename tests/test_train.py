@@ -1,6 +1,7 @@
 """The main job end to end: `train.py --preset smoke` runs every step on a small slice of tiny_data
 and writes the run directory and report that chat.py and the README rely on."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -202,15 +203,18 @@ def test_skipped_stages_hand_their_place_to_the_last_stage_that_ran():
     assert previous_lm_stage(with_text, DEFAULTS["smoke"], "stage2") == "stage1"
     with pytest.raises(UserError, match="the settings skip it"):
         main(["--preset", "smoke", "--set", "stage1.steps=0", "--stage", "stage1"])
-    with pytest.raises(UserError, match="text_replay.stage2=0.5: how many times"):
-        main(["--preset", "smoke", "--set", "text_replay.stage2=0.5", "--stage", "stage2"])
+    for bad, message in (("text_replay.stage2=-1", r"text_replay\.stage2=-1: how many times stage2 or stage3"),
+                         ("typed_qa.stage2=all", r"typed_qa\.stage2='all': how many times stage0 or stage2"),
+                         ("typed_qa.stage3=1", "unknown setting 'stage3'; settings here: stage0, stage2")):
+        with pytest.raises(UserError, match=message):
+            main(["--preset", "smoke", "--set", bad, "--stage", "stage2"])
 
 
-def test_stage0_reads_the_text_and_answers_typed_training_questions(small_corpus, tmp_path):
+def test_stages_0_and_2_mix_in_the_typed_training_questions(small_corpus, tmp_path):
     from argparse import Namespace
 
     from speechgpt_min.data import SYSTEM_PROMPT, load_text_corpus
-    from speechgpt_min.lm_stages import stage0_examples
+    from speechgpt_min.lm_stages import stage0_examples, typed_pairs
     from speechgpt_min.run_corpus import Corpus
     from speechgpt_min.tokenizer import Tokenizer
     from train import DEFAULTS, apply_overrides
@@ -221,21 +225,26 @@ def test_stage0_reads_the_text_and_answers_typed_training_questions(small_corpus
     tokenizer = Tokenizer.train([SYSTEM_PROMPT, *lines] + [p["question"]["text"] + " [ta] " + p["answer"]["text"]
                                                            for p in questions], n_units=4)
     for copies in (0, 2):
-        settings = apply_overrides(DEFAULTS["smoke"], [f"typed_qa={copies}"])
+        settings = apply_overrides(DEFAULTS["smoke"], [f"typed_qa.stage0={copies}"])
         examples = stage0_examples(settings, corpus, tokenizer, 1024, seed=0)
         assert len(examples) == len(lines) + copies * len(questions)
         typed = [e for e in examples if -100 in e.labels]  # dialogues: no loss on the system prompt and question
         assert len(typed) == copies * len(questions)
         targets = [tokenizer.decode([t for t in e.labels if t >= 0]) for e in typed]  # the loss is on the answers
         assert all(any(f"[ta] {p['answer']['text']}" in target for target in targets) for p in questions) or not copies
+    settings = apply_overrides(DEFAULTS["smoke"], ["typed_qa.stage2=0.5"])  # stage 2: half of them, each once
+    typed = typed_pairs(settings, corpus, tokenizer, 1024, 0, "stage2")
+    assert len(typed) == round(len(questions) / 2) and len({tuple(e.tokens) for e in typed}) == len(typed)
 
 
 def test_stages_2_and_3_replay_the_fact_statements(small_corpus, tmp_path):
-    """Text replay mixes facts.jsonl's statements into stages 2 and 3, text_replay.STAGE copies of each (a
-    corpus without facts.jsonl replays its whole text corpus); --no-text-pretraining reads no text."""
+    """Text replay mixes facts.jsonl's statements into stages 2 and 3, text_replay.STAGE copies of each,
+    packed into blocks (a corpus without facts.jsonl replays its whole text corpus); --no-text-pretraining
+    reads no text."""
     from argparse import Namespace
+    from collections import Counter
 
-    from speechgpt_min.data import load_text_corpus, text_examples
+    from speechgpt_min.data import load_text_corpus
     from speechgpt_min.lm_stages import replay_examples
     from speechgpt_min.run_corpus import Corpus
     from speechgpt_min.tokenizer import Tokenizer
@@ -246,13 +255,32 @@ def test_stages_2_and_3_replay_the_fact_statements(small_corpus, tmp_path):
     lines = load_text_corpus(small_corpus / "text_corpus.txt")
     tokenizer = Tokenizer.train(lines + statements, n_units=4)
     corpus = Corpus(Namespace(data=small_corpus, out=tmp_path), DEFAULTS["smoke"])
-    with_text, without_text = Namespace(no_text_pretraining=False), Namespace(no_text_pretraining=True)
-    for copies in (0, 1, 3):
-        settings = apply_overrides(DEFAULTS["smoke"], [f"text_replay.stage2={copies}"])
-        examples = replay_examples(with_text, settings, corpus, tokenizer, "stage2")
-        expected = text_examples(tokenizer, statements * copies)
-        assert sorted(e.tokens for e in examples) == sorted(e.tokens for e in expected)
-        assert replay_examples(without_text, settings, corpus, tokenizer, "stage3") == []
+    with_text = Namespace(no_text_pretraining=False, seed=0)
+    without_text = Namespace(no_text_pretraining=True, seed=0)
+    encoded = Counter(tuple(tokenizer.encode(s) + [tokenizer.eos_id]) for s in statements)
+
+    def replayed(copies, stage):  # the blocks, and the statements they hold (cut at each BOS)
+        settings = apply_overrides(DEFAULTS["smoke"], [f"text_replay.{stage}={copies}"])
+        blocks = replay_examples(with_text, settings, corpus, tokenizer, stage)
+        assert replay_examples(without_text, settings, corpus, tokenizer, stage) == []
+        assert all(len(b.tokens) == settings["block_size"] + 1 and b.labels == b.tokens for b in blocks)
+        stream = blocks[0].tokens + [t for b in blocks[1:] for t in b.tokens[1:]] if blocks else []
+        pieces = []
+        for token in stream:  # BOS + each statement + EOS
+            if token == tokenizer.bos_id:
+                pieces.append([])
+            else:
+                pieces[-1].append(token)
+        return blocks, Counter(tuple(piece) for piece in pieces[:-1])  # the last one the blocks' end may cut
+
+    assert replayed(0, "stage2")[0] == []
+    for copies, stage in ((1, "stage2"), (3, "stage3"), (1.5, "stage2")):  # 1.5: each once, then half once more
+        blocks, pieces = replayed(copies, stage)
+        assert set(pieces) <= set(encoded)  # whole statements, nothing else
+        dropped = copies * len(statements) - sum(pieces.values())  # the tail that fills no block
+        assert 0 < dropped <= len(blocks[0].tokens)
+        assert all(pieces[s] <= n * math.ceil(copies) for s, n in encoded.items())
+        assert sum(pieces[s] < n * math.floor(copies) for s, n in encoded.items()) <= dropped
     bare = tmp_path / "bare"
     bare.mkdir()
     for name in ("manifest.jsonl", "qa.jsonl", "text_corpus.txt", "audio", "alignments"):
