@@ -18,9 +18,9 @@ Steps, in order (each writes into the run directory and adds its numbers to repo
   stage1  modality adaptation: the LM learns unit sequences of the training speech (the toy preset
           skips it, stage1.steps=0: in its budget it slowed stage 2 down; docs/recipe.md).
   stage2  cross-modal instruction: ASR (every voice) and TTS (the answer voice), every weight trained,
-          with the text corpus's fact statements mixed in, packed into blocks (text_replay.stage2
-          copies of each), and, if typed_qa.stage2 > 0, that many copies of the training questions
-          typed (recipe §13 measures both).
+          with the text corpus's fact statements mixed in (text_replay.stage2 copies of each) and, if
+          typed_qa.stage2 > 0, that many copies of the training questions typed (the toy: 0; recipe
+          §13 measures both).
   stage3  chain of modality: spoken question -> transcript -> text answer -> spoken answer (LoRA).
   vocoder the toy's mel vocoder (units -> log-mel with context -> Griffin-Lim, mel_vocoder.py), trained
           on the answer voice's training speech and its units.

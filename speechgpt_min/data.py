@@ -373,13 +373,11 @@ def text_examples(tokenizer, texts):
 
 
 def pack_blocks(tokenizer, texts, block_size):
-    """Stage 1's units, stage 2's replayed statements: BOS + each text + EOS, concatenated, cut into
-    blocks of block_size + 1 tokens that overlap by one, so every token after the first is a target
-    exactly once. The tail is dropped."""
-    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    """Stage 1 blocks: BOS + each text, concatenated, cut into blocks of block_size + 1 tokens that
+    overlap by one, so every token after the first is a target exactly once. The tail is dropped."""
     stream = []
     for text in texts:
-        stream += _bos(tokenizer) + tokenizer.encode(text) + eos
+        stream += _bos(tokenizer) + tokenizer.encode(text)
     n_blocks = (len(stream) - 1) // block_size
     if n_blocks < 1:
         raise DataError(f"the texts have {len(stream)} tokens, fewer than one block of {block_size} + 1")

@@ -173,17 +173,15 @@ def typed_pairs(settings, corpus, tokenizer, context, seed, stage):
 def replay_examples(args, settings, corpus, tokenizer, stage):
     """Text replay: the corpus's fact statements, each text_replay[stage] times, mixed into the stage's
     examples, so that the LM learns the facts beside hearing, speaking and answering, and keeps them
-    (no catastrophic forgetting). They are packed into blocks of block_size tokens, as pretraining text
-    is: a statement of ten tokens alone in an example would be padded to its batch's longest dialogue,
-    and a block carries some twenty of them for about the same compute (recipe §13). Without a stage 0
-    it is the only text the LM reads; --no-text-pretraining turns it off with stage 0."""
+    (no catastrophic forgetting). Each statement is an example of its own, BOS + statement + EOS (packed
+    into blocks instead, one copy of them carried less knowledge: recipe §13). Without a stage 0 it is
+    the only text the LM reads; --no-text-pretraining turns it off with stage 0."""
     copies = settings["text_replay"].get(stage, 0)
     if args.no_text_pretraining or copies == 0:
         return []
-    statements = stage0_texts(copies_of(corpus.fact_statements(), copies, args.seed), args.seed)
-    blocks = pack_blocks(tokenizer, statements, settings["block_size"])
-    print(f"{stage}: {len(statements)} fact statements replayed ({copies} x each), in {len(blocks)} blocks")
-    return blocks
+    statements = copies_of(corpus.fact_statements(), copies, args.seed)
+    print(f"{stage}: {len(statements)} fact statements replayed ({copies} x each)")
+    return text_examples(tokenizer, statements)
 
 
 def step_stage1(args, settings, report, corpus):

@@ -146,7 +146,7 @@ def test_stage1_blocks_cover_every_token_once():
     tok = Tokenizer.train(texts, n_units=100)
     stream = []
     for t in texts:
-        stream += [tok.bos_id] + tok.encode(t) + [tok.eos_id]
+        stream += [tok.bos_id] + tok.encode(t)
     blocks = pack_blocks(tok, texts, block_size=16)
     assert len(blocks) == (len(stream) - 1) // 16
     assert all(len(b.tokens) == 17 and b.labels == b.tokens for b in blocks)

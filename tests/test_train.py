@@ -1,7 +1,6 @@
 """The main job end to end: `train.py --preset smoke` runs every step on a small slice of tiny_data
 and writes the run directory and report that chat.py and the README rely on."""
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -238,13 +237,11 @@ def test_stages_0_and_2_mix_in_the_typed_training_questions(small_corpus, tmp_pa
 
 
 def test_stages_2_and_3_replay_the_fact_statements(small_corpus, tmp_path):
-    """Text replay mixes facts.jsonl's statements into stages 2 and 3, text_replay.STAGE copies of each,
-    packed into blocks (a corpus without facts.jsonl replays its whole text corpus); --no-text-pretraining
-    reads no text."""
+    """Text replay mixes facts.jsonl's statements into stages 2 and 3, text_replay.STAGE copies of each (a
+    corpus without facts.jsonl replays its whole text corpus); --no-text-pretraining reads no text."""
     from argparse import Namespace
-    from collections import Counter
 
-    from speechgpt_min.data import load_text_corpus
+    from speechgpt_min.data import load_text_corpus, text_examples
     from speechgpt_min.lm_stages import replay_examples
     from speechgpt_min.run_corpus import Corpus
     from speechgpt_min.tokenizer import Tokenizer
@@ -257,30 +254,16 @@ def test_stages_2_and_3_replay_the_fact_statements(small_corpus, tmp_path):
     corpus = Corpus(Namespace(data=small_corpus, out=tmp_path), DEFAULTS["smoke"])
     with_text = Namespace(no_text_pretraining=False, seed=0)
     without_text = Namespace(no_text_pretraining=True, seed=0)
-    encoded = Counter(tuple(tokenizer.encode(s) + [tokenizer.eos_id]) for s in statements)
-
-    def replayed(copies, stage):  # the blocks, and the statements they hold (cut at each BOS)
-        settings = apply_overrides(DEFAULTS["smoke"], [f"text_replay.{stage}={copies}"])
-        blocks = replay_examples(with_text, settings, corpus, tokenizer, stage)
-        assert replay_examples(without_text, settings, corpus, tokenizer, stage) == []
-        assert all(len(b.tokens) == settings["block_size"] + 1 and b.labels == b.tokens for b in blocks)
-        stream = blocks[0].tokens + [t for b in blocks[1:] for t in b.tokens[1:]] if blocks else []
-        pieces = []
-        for token in stream:  # BOS + each statement + EOS
-            if token == tokenizer.bos_id:
-                pieces.append([])
-            else:
-                pieces[-1].append(token)
-        return blocks, Counter(tuple(piece) for piece in pieces[:-1])  # the last one the blocks' end may cut
-
-    assert replayed(0, "stage2")[0] == []
-    for copies, stage in ((1, "stage2"), (3, "stage3"), (1.5, "stage2")):  # 1.5: each once, then half once more
-        blocks, pieces = replayed(copies, stage)
-        assert set(pieces) <= set(encoded)  # whole statements, nothing else
-        dropped = copies * len(statements) - sum(pieces.values())  # the tail that fills no block
-        assert 0 < dropped <= len(blocks[0].tokens)
-        assert all(pieces[s] <= n * math.ceil(copies) for s, n in encoded.items())
-        assert sum(pieces[s] < n * math.floor(copies) for s, n in encoded.items()) <= dropped
+    for copies in (0, 1, 3):
+        settings = apply_overrides(DEFAULTS["smoke"], [f"text_replay.stage2={copies}"])
+        examples = replay_examples(with_text, settings, corpus, tokenizer, "stage2")
+        expected = text_examples(tokenizer, statements * copies)
+        assert sorted(e.tokens for e in examples) == sorted(e.tokens for e in expected)
+        assert replay_examples(without_text, settings, corpus, tokenizer, "stage3") == []
+    settings = apply_overrides(DEFAULTS["smoke"], ["text_replay.stage3=1.5"])  # every statement, then half once more
+    examples = [tuple(e.tokens) for e in replay_examples(with_text, settings, corpus, tokenizer, "stage3")]
+    once = {tuple(e.tokens) for e in text_examples(tokenizer, statements)}
+    assert len(examples) == len(statements) + round(len(statements) / 2) and set(examples) == once
     bare = tmp_path / "bare"
     bare.mkdir()
     for name in ("manifest.jsonl", "qa.jsonl", "text_corpus.txt", "audio", "alignments"):
