@@ -91,7 +91,7 @@ DEFAULTS = {
         units="phones", phone_epochs=[1, 1], phone_recognizer=dict(channels=32), phone_speeds=[1.1],
         hubert_preset="toy", n_units=20, hubert_steps=[2, 2], target_layer=2, unit_layer=3,
         lm_preset="toy", lm={}, block_size=64, answer_voice=ANSWER_VOICE,
-        typed_qa=dict(stage0=1, stage2=1), text_replay=dict(stage2=1, stage3=1),
+        typed_qa=dict(stage0=1, stage2=0), text_replay=dict(stage2=1, stage3=1),
         stage0=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
         stage1=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
         stage2=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
