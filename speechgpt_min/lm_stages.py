@@ -207,12 +207,13 @@ def step_stage2(args, settings, report, corpus):
                  for split in ("train", "valid")}
     train_set = encode_dialogues(tokenizer, dialogues["train"], context)
     val_set = encode_dialogues(tokenizer, dialogues["valid"], context)
-    train_set += replay_examples(args, settings, corpus, tokenizer, "stage2")
-    train_set += typed_pairs(settings, corpus, tokenizer, context, args.seed, "stage2")
+    replayed = replay_examples(args, settings, corpus, tokenizer, "stage2")
+    typed_examples = typed_pairs(settings, corpus, tokenizer, context, args.seed, "stage2")
+    train_set += replayed + typed_examples
     others, _ = corpus.sentences("valid", voice)
     watched = [(units[r["id"]], r["text"]) for r in evenly_spaced(others, settings["watch"])]
-    typed = evenly_spaced(corpus.typed_questions("valid"), 2 * settings["watch"]) if settings["typed_qa"].get("stage2") else []
-    facts = watched_facts(settings, corpus) if not args.no_text_pretraining and settings["text_replay"].get("stage2") else []
+    facts = watched_facts(settings, corpus) if replayed else []
+    typed = evenly_spaced(corpus.typed_questions("valid"), 2 * settings["watch"]) if typed_examples else []
 
     def score(lm):  # does the model hear, and (with text mixed in) complete a fact and answer a typed question?
         sgpt = SpeechGPT(lm, tokenizer)

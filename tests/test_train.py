@@ -241,14 +241,13 @@ def test_stages_2_and_3_replay_the_fact_statements(small_corpus, tmp_path):
     corpus without facts.jsonl replays its whole text corpus); --no-text-pretraining reads no text."""
     from argparse import Namespace
 
-    from speechgpt_min.data import load_text_corpus, text_examples
+    from speechgpt_min.data import load_fact_statements, load_text_corpus, text_examples
     from speechgpt_min.lm_stages import replay_examples
     from speechgpt_min.run_corpus import Corpus
     from speechgpt_min.tokenizer import Tokenizer
     from train import DEFAULTS, apply_overrides
 
-    statements = [line for line in (small_corpus / "facts.jsonl").read_text().splitlines()]
-    statements = [s for fact in map(json.loads, statements) for s in fact["statements"]]
+    statements = load_fact_statements(small_corpus / "facts.jsonl")
     lines = load_text_corpus(small_corpus / "text_corpus.txt")
     tokenizer = Tokenizer.train(lines + statements, n_units=4)
     corpus = Corpus(Namespace(data=small_corpus, out=tmp_path), DEFAULTS["smoke"])
