@@ -12,6 +12,8 @@ What the loop does, step by step:
     lr from the schedule (`lr_at`: linear warmup, then cosine down to min_lr)
     grad_accum micro-batches: forward (bf16 autocast where the hardware has fast bf16; a prefix all rows
         share, the system prompt, computed once), backward, gradients summed
+    with a text_set, a second stream: text_batch_size of its examples, their own mean loss added
+        (times text_weight), so that text learnt beside the main examples takes no share of their loss
     clip the gradient norm, AdamW step (weight decay on matrices only)
     log loss, lr, grad norm and tokens/s to metrics.jsonl and the progress bar
     every eval_every steps: validation loss, and task scores (a callback that decodes a few held-out
@@ -68,6 +70,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0            # max global gradient norm; 0 turns clipping off
+    text_batch_size: int = 0          # examples per step from train()'s text_set, a second stream
+    text_weight: float = 1.0          # the text stream's mean loss is added to the step's with this weight
     eval_every: int = 100             # validation loss every this many steps (and at the end); 0: never
     eval_batches: int | None = None   # micro-batches per evaluation; None: the whole validation set
     checkpoint_every: int = 100       # and at the end; 0: only at the end
@@ -85,13 +89,15 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.text_batch_size < 0 or self.text_weight < 0:
+            raise ValueError(f"text_batch_size and text_weight must be >= 0, got {self.text_batch_size}, {self.text_weight}")
         if self.warmup_steps < 0 or self.min_lr > self.lr:
             raise ValueError(f"need warmup_steps >= 0 and min_lr <= lr, got {self.warmup_steps}, {self.min_lr}, {self.lr}")
 
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(model, train_set, cfg, val_set=None, score_tasks=None):
+def train(model, train_set, cfg, val_set=None, score_tasks=None, text_set=None):
     """Train `model` in place on train_set (a list of data.Example; val_set likewise, optional).
 
     Only parameters with requires_grad are optimized and checkpointed: for stage 3, call
@@ -100,13 +106,20 @@ def train(model, train_set, cfg, val_set=None, score_tasks=None):
     evaluation (first process only) on the unwrapped model: what the model can *do* so far, beside
     its loss. Returns the metric records of the steps this call ran, as written to metrics.jsonl:
     {"step", "loss", "lr", "grad_norm", "tokens_per_s", "seconds" (the step's own, evaluation apart), "epoch"[,
-    "val_loss", task scores]}.
+    "text_loss", "val_loss", task scores]}.
+
+    text_set: a second list of examples, read as a stream of its own: cfg.text_batch_size of them in
+    every step (a seeded permutation per epoch, its position a function of the step, so a resumed run
+    continues it), their mean loss ("text_loss") added to the step's loss times cfg.text_weight.
     """
     rank, world_size = world()
     if cfg.batch_size % world_size:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world_size} processes")
     if not train_set:
         raise ValueError("the training set is empty")
+    if text_set and (cfg.text_batch_size < 1 or cfg.text_batch_size % world_size):
+        raise ValueError(f"a text_set needs a text_batch_size >= 1 divisible by the {world_size} processes, "
+                         f"got {cfg.text_batch_size}")
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
@@ -133,6 +146,8 @@ def train(model, train_set, cfg, val_set=None, score_tasks=None):
     if rank == 0:
         keep_metrics_until(metrics_path, step)
     order = DataOrder(len(train_set), cfg.seed, epoch, index)
+    if text_set:  # the second stream's position follows from the step: text_batch_size examples per step
+        text_order = DataOrder(len(text_set), cfg.seed + 1, *divmod(step * cfg.text_batch_size, len(text_set)))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:
         print(f"training {n_trainable / 1e6:.2f}M parameters on {device} x {world_size}, "
@@ -150,30 +165,29 @@ def train(model, train_set, cfg, val_set=None, score_tasks=None):
         micro = [[train_set[i] for i in order.take(cfg.batch_size)] for _ in range(cfg.grad_accum)]
         step_targets = max(1, sum(n_targets(e) for batch in micro for e in batch))
         step_tokens = sum(len(e.tokens) - 1 for batch in micro for e in batch)
+        text_batch = [text_set[i] for i in text_order.take(cfg.text_batch_size)] if text_set else []
+        text_targets = max(1, sum(n_targets(e) for e in text_batch))
+        step_tokens += sum(len(e.tokens) - 1 for e in text_batch)
         loss_sum = 0.0
         for m, batch in enumerate(micro):
-            mine = shard(batch, rank, world_size)
-            parts = prefix_groups(mine, cfg.gradient_checkpointing)
-            for p, part in enumerate(parts):
-                b = collate(part)
-                x, y = b["input_ids"].to(device), b["labels"].to(device)  # (b, T) each
-                with grad_sync(model, sync=m == cfg.grad_accum - 1 and p == len(parts) - 1):
-                    with autocast:
-                        _, loss = model(x, y, shared_prefix=shared_prefix(b, cfg.gradient_checkpointing))  # mean over targets
-                    # Re-weight to this part's share of the step's sum; DDP/FSDP average over processes.
-                    loss = loss * (sum(n_targets(e) for e in part) / step_targets)
-                    (loss * world_size).backward()
-                loss_sum += loss.item()
+            last = m == cfg.grad_accum - 1 and not text_batch  # DDP syncs gradients in the step's last backward
+            loss_sum += backward(model, shard(batch, rank, world_size), step_targets, 1.0, last, cfg, device, autocast)
+        text_loss = 0.0
+        if text_batch:  # the text stream: its own mean over its targets, added with text_weight
+            text_loss = backward(model, shard(text_batch, rank, world_size), text_targets, cfg.text_weight, True,
+                                 cfg, device, autocast)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.requires_grad], cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        (loss_value,) = all_sum([loss_sum], device)
+        loss_value, text_loss_value = all_sum([loss_sum, text_loss], device)
         dt = time.perf_counter() - t0
         record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
                   "tokens_per_s": step_tokens / dt, "seconds": dt, "epoch": order.epoch}
+        if text_batch:
+            record["text_loss"] = text_loss_value
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             if val_set:
                 record["val_loss"] = evaluate(model, val_set, cfg, device, autocast)
@@ -249,6 +263,27 @@ class DataOrder:
             out += self.perm[self.index:self.index + take]
             self.index += take
         return out
+
+
+def backward(model, examples, step_targets, weight, sync, cfg, device, autocast):
+    """Forward and backward over one process's examples of a micro-batch, in prefix groups (a shared
+    prefix computed once). Each part's mean loss is re-weighted to its share of the step's
+    `step_targets` target tokens, times `weight`, so the gradients summed over parts, micro-batches and
+    processes are those of one mean over the step. sync: let DDP/FSDP average the gradients over
+    processes in this call's last backward. Returns this call's share of the step's mean loss."""
+    world_size = world()[1]
+    parts = prefix_groups(examples, cfg.gradient_checkpointing)
+    loss_sum = 0.0
+    for p, part in enumerate(parts):
+        b = collate(part)
+        x, y = b["input_ids"].to(device), b["labels"].to(device)  # (b, T) each
+        with grad_sync(model, sync=sync and p == len(parts) - 1):
+            with autocast:
+                _, loss = model(x, y, shared_prefix=shared_prefix(b, cfg.gradient_checkpointing))  # mean over targets
+            loss = loss * (sum(n_targets(e) for e in part) / step_targets)
+            (loss * weight * world_size).backward()  # DDP/FSDP average over processes
+        loss_sum += loss.item()
+    return loss_sum
 
 
 @torch.no_grad()

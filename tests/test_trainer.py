@@ -1,5 +1,5 @@
 """The training loop: learning on all three stages, exact resume after kill -9, LoRA-only training,
-two gloo processes equal to one, metrics and atomic checkpoints."""
+two gloo processes equal to one, metrics and atomic checkpoints, a text stream beside the examples."""
 import json
 import os
 import random
@@ -151,6 +151,18 @@ class SimulatedCrash(Exception):
     pass
 
 
+def crash_after(model, out_dir, logged_steps):
+    """Make the model's forward raise SimulatedCrash once `logged_steps` steps are in out_dir's metrics."""
+    forward = model.forward
+
+    def forward_then_raise(*args, **kwargs):
+        if len(losses(out_dir)) == logged_steps:
+            raise SimulatedCrash
+        return forward(*args, **kwargs)
+
+    model.forward = forward_then_raise
+
+
 @pytest.mark.parametrize("stage, crash", [(2, "exception"), (3, "kill -9")])
 def test_resume_after_a_crash_is_exact(tmp_path, stage, crash):
     overrides = dict(stage=stage, steps=14, grad_accum=2, eval_every=4, checkpoint_every=4)
@@ -168,14 +180,7 @@ def test_resume_after_a_crash_is_exact(tmp_path, stage, crash):
         assert done.returncode == -signal.SIGKILL, done.stderr
     else:
         model, train_set, val_set, cfg = setup_lora_run(tmp_path / "crashed", **overrides)
-        forward = model.forward
-
-        def forward_then_raise(*args, **kwargs):
-            if len(losses(tmp_path / "crashed")) == 9:
-                raise SimulatedCrash
-            return forward(*args, **kwargs)
-
-        model.forward = forward_then_raise
+        crash_after(model, tmp_path / "crashed", 9)
         with pytest.raises(SimulatedCrash):
             train(model, train_set, cfg, val_set)
     assert len(losses(tmp_path / "crashed")) == 9  # step 9 was logged, then the run died in step 10
@@ -385,3 +390,42 @@ def test_a_mixed_batch_splits_into_prefix_groups_with_the_same_loss_and_gradient
     assert whole[0] == pytest.approx(split[0], rel=1e-5)
     for a, b in zip(whole[1], split[1]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_a_text_stream_adds_its_own_mean_loss_and_resumes_exactly(tmp_path):
+    """train(text_set=...): each step also reads text_batch_size examples of a second list, whose mean
+    loss is added to the step's mean (times text_weight); a run that dies continues both streams exactly."""
+    from contextlib import nullcontext
+
+    from speechgpt_min.data import collate, n_targets
+    from speechgpt_min.trainer import backward
+
+    model, train_set, val_set, cfg = setup_run(tmp_path / "grads", steps=10, text_batch_size=4, text_weight=0.5)
+    main, text = train_set[:4], train_set[4:12]
+    model.zero_grad()
+    backward(model, main, sum(n_targets(e) for e in main), 1.0, True, cfg, torch.device("cpu"), nullcontext())
+    backward(model, text, sum(n_targets(e) for e in text), 0.5, True, cfg, torch.device("cpu"), nullcontext())
+    streamed = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    (b1, b2) = collate(main), collate(text)
+    (model(b1["input_ids"], b1["labels"])[1] + 0.5 * model(b2["input_ids"], b2["labels"])[1]).backward()
+    for a, b in zip(streamed, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+    with pytest.raises(ValueError, match="text_batch_size >= 1"):
+        train(model, train_set, TrainConfig(**{**cfg.__dict__, "text_batch_size": 0}), val_set, text_set=text)
+
+    overrides = dict(steps=10, text_batch_size=4, text_weight=0.5, checkpoint_every=4)
+    model, train_set, val_set, cfg = setup_run(tmp_path / "straight", **overrides)
+    straight = train(model, train_set[:20], cfg, val_set, text_set=train_set[20:])
+    assert all("text_loss" in r for r in straight) and straight[-1]["text_loss"] < straight[0]["text_loss"]
+
+    model, train_set, val_set, cfg = setup_run(tmp_path / "crashed", **overrides)
+    crash_after(model, tmp_path / "crashed", 6)
+    with pytest.raises(SimulatedCrash):
+        train(model, train_set[:20], cfg, val_set, text_set=train_set[20:])
+    model, train_set, val_set, cfg = setup_run(tmp_path / "crashed", model_seed=1, **overrides)
+    resumed = train(model, train_set[:20], cfg, val_set, text_set=train_set[20:])
+    assert [r["step"] for r in resumed] == list(range(5, 11))  # from the step-4 checkpoint
+    for a, b in zip(straight[4:], resumed, strict=True):
+        assert (a["loss"], a["text_loss"], a["grad_norm"]) == (b["loss"], b["text_loss"], b["grad_norm"])
