@@ -13,14 +13,15 @@ Steps, in order (each writes into the run directory and adds its numbers to repo
           (the toy's stand-in for what LLaMA brings: the world's facts, learnt from text, and answering
           in text). The toy preset skips it, stage0.steps=0: it slows the speech stages down
           (docs/recipe.md §9); --set stage0.steps=1000 runs it. The toy reads the text in stage 2
-          instead: the corpus's fact statements mixed in (text_replay, recipe §12).
-          --no-text-pretraining reads no text at all: no stage 0, no statements mixed in.
+          instead: the corpus's fact statements (text_replay, recipe §12, §14).
+          --no-text-pretraining reads no text at all: no stage 0, no statements.
   stage1  modality adaptation: the LM learns unit sequences of the training speech (the toy preset
           skips it, stage1.steps=0: in its budget it slowed stage 2 down; docs/recipe.md).
   stage2  cross-modal instruction: ASR (every voice) and TTS (the answer voice), every weight trained,
-          with the text corpus's fact statements mixed in (text_replay.stage2 copies of each) and, if
-          typed_qa.stage2 > 0, that many copies of the training questions typed (the toy: 0; recipe
-          §13 measures both).
+          and beside them text: the text corpus's fact statements (text_replay.stage2 copies of each)
+          and the training questions typed (typed_qa.stage2 copies). With stage2.text_batch_size > 0
+          (the toy: 32) the text is a stream of its own, that many examples in every step with a loss
+          of their own; with 0, mixed into the speech examples (recipe §13, §14).
   stage3  chain of modality: spoken question -> transcript -> text answer -> spoken answer (LoRA).
   vocoder the toy's mel vocoder (units -> log-mel with context -> Griffin-Lim, mel_vocoder.py), trained
           on the answer voice's training speech and its units.
@@ -71,11 +72,12 @@ DEFAULTS = {
         phone_speeds=[0.9, 1.1],   # speed-perturbed copies of the training speech in its round 2
         hubert_preset="toy", n_units=100, hubert_steps=[700], target_layer=0, unit_layer=1,  # with units=hubert
         lm_preset="toy", lm={}, block_size=256, answer_voice=ANSWER_VOICE,
-        typed_qa=dict(stage0=4, stage2=0),  # copies of the training pairs, typed, mixed into a stage (recipe §13)
-        text_replay=dict(stage2=1, stage3=0),  # each fact statement mixed in this many times (recipe §12)
+        typed_qa=dict(stage0=4, stage2=1),  # copies of the training pairs, typed, in a stage's text (recipe §13, §14)
+        text_replay=dict(stage2=1, stage3=0),  # each fact statement this many times in a stage's text (recipe §12)
         stage0=dict(steps=0, batch_size=64, lr=2e-3, min_lr=2e-4, warmup_steps=20),  # 0: skipped; 1000 to run it
         stage1=dict(steps=0, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=5),   # 0: skipped (recipe §3, §9)
-        stage2=dict(steps=3000, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=20),   # still learning at 3000
+        stage2=dict(steps=3000, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=20,  # still learning at 3000
+                    text_batch_size=32),  # + 32 text examples per step, a stream of their own (recipe §14)
         stage3=dict(steps=1500, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=10),  # (docs/recipe.md §6)
         lora="toy",
         # the mel vocoder on the answer voice: 1000 steps of 4 utterances, about a minute (README, vocoder)
@@ -91,10 +93,10 @@ DEFAULTS = {
         units="phones", phone_epochs=[1, 1], phone_recognizer=dict(channels=32), phone_speeds=[1.1],
         hubert_preset="toy", n_units=20, hubert_steps=[2, 2], target_layer=2, unit_layer=3,
         lm_preset="toy", lm={}, block_size=64, answer_voice=ANSWER_VOICE,
-        typed_qa=dict(stage0=1, stage2=0), text_replay=dict(stage2=1, stage3=1),
+        typed_qa=dict(stage0=1, stage2=1), text_replay=dict(stage2=1, stage3=1),
         stage0=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
         stage1=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
-        stage2=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
+        stage2=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1, text_batch_size=2),
         stage3=dict(steps=2, batch_size=2, lr=1e-3, min_lr=1e-4, warmup_steps=1),
         lora="speechgpt",
         vocoder_preset="toy", vocoder=dict(steps=2, batch_size=2),
@@ -107,7 +109,8 @@ DEFAULTS = {
 # this script), the released LoRA, each stage's batch, length and steps (speechgpt_min/costing.py has
 # the numbers and their sources). LM stages only, on GPUs; --dry-run prints what each stage costs.
 DEFAULTS["speechgpt-7b"] = dict(DEFAULTS["toy"], n_units=1000, unit_layer=11, lm_preset="llama-7b",
-                                block_size=STAGES[0].seq_len, lora="speechgpt", **stage_settings())
+                                block_size=STAGES[0].seq_len, lora="speechgpt", **stage_settings(),
+                                typed_qa=dict(stage0=0, stage2=0))  # LLaMA answers in text already
 
 # The steps, in order: each is step(args, settings, report, corpus), writes into the run directory
 # and adds its numbers to the report.
@@ -233,6 +236,13 @@ def main(argv=None):
             if isinstance(copies, bool) or not isinstance(copies, (int, float)) or copies < 0:
                 raise UserError(f"{name}.{stage}={copies!r}: how many times {' or '.join(stages)} mixes in {what} "
                                 f"(a number: 0 none, 0.25 a quarter of them, 2 twice)")
+    for stage in LM_STAGES:  # a bad --set stage2.X: one line now, not a traceback after the units step
+        if settings[stage].get("steps") == 0:  # skipped
+            continue
+        try:
+            TrainConfig(**settings[stage])
+        except (TypeError, ValueError) as error:
+            raise UserError(f"{stage}: {error}") from None
     corpus = Corpus(args, settings)  # checks the whole corpus before any work
     if "stage0" in steps and args.stage in ("all", "stage0"):
         corpus.text_corpus()

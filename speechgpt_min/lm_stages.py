@@ -184,6 +184,14 @@ def replay_examples(args, settings, corpus, tokenizer, stage):
     return text_examples(tokenizer, statements)
 
 
+def text_stream(cfg, examples, text):
+    """A stage's text (fact statements, typed questions) beside its dialogues -> (train_set, text_set).
+    With the stage's text_batch_size > 0 the text is a stream of its own: that many of its examples in
+    every step, their mean loss added to the dialogues' (trainer.train), so the text takes no share of
+    the dialogues' loss (recipe §14). With 0 it is mixed into the dialogues, one loss over both."""
+    return (examples, text) if cfg.text_batch_size else (examples + text, [])
+
+
 def step_stage1(args, settings, report, corpus):
     """Modality adaptation: next-unit prediction on the training speech's unit sequences."""
     units = corpus.units()
@@ -209,7 +217,8 @@ def step_stage2(args, settings, report, corpus):
     val_set = encode_dialogues(tokenizer, dialogues["valid"], context)
     replayed = replay_examples(args, settings, corpus, tokenizer, "stage2")
     typed_examples = typed_pairs(settings, corpus, tokenizer, context, args.seed, "stage2")
-    train_set += replayed + typed_examples
+    cfg = train_config(args, settings, "stage2")
+    train_set, text_set = text_stream(cfg, train_set, replayed + typed_examples)
     others, _ = corpus.sentences("valid", voice)
     watched = [(units[r["id"]], r["text"]) for r in evenly_spaced(others, settings["watch"])]
     facts = watched_facts(settings, corpus) if replayed else []
@@ -224,7 +233,7 @@ def step_stage2(args, settings, report, corpus):
             scores["typed_accuracy"] = evaluate_text_questions(sgpt, typed, settings["eval_tokens"]["chain"], progress=False)
         return scores
 
-    history = train(model, train_set, train_config(args, settings, "stage2"), val_set, score if watched else None)
+    history = train(model, train_set, cfg, val_set, score if watched else None, text_set)
     save_stage(args, "stage2", model, tokenizer)
     report["stage2.val_loss"] = val_loss(history)
     watched_scores = ", ".join(f"{key} {history[-1][key]:.2f}" for key in ("asr_cer", "fact_accuracy", "typed_accuracy")
@@ -240,7 +249,8 @@ def step_stage3(args, settings, report, corpus):
     inject(model, lora)
     context = model.config.max_seq_len
     train_set = encode_dialogues(tokenizer, stage3_dialogues(in_split(corpus.pairs, "train"), units, args.seed), context)
-    train_set += replay_examples(args, settings, corpus, tokenizer, "stage3")
+    cfg = train_config(args, settings, "stage3")
+    train_set, text_set = text_stream(cfg, train_set, replay_examples(args, settings, corpus, tokenizer, "stage3"))
     val_set = encode_dialogues(tokenizer, stage3_dialogues(in_split(corpus.pairs, "valid"), units, args.seed), context)
     watched = evenly_spaced(corpus.spoken_questions("valid", "valid", units), settings["watch"])
 
@@ -249,7 +259,7 @@ def step_stage3(args, settings, report, corpus):
                                speech_answer=False)
         return {"answer_accuracy": chain["answer_accuracy"]}
 
-    history = train(model, train_set, train_config(args, settings, "stage3"), val_set, score if watched else None)
+    history = train(model, train_set, cfg, val_set, score if watched else None, text_set)
     save_adapter(model, args.out / "stage3" / "adapter", lora, base_model_name_or_path=str(args.out / "stage2" / "model"))
     report["stage3.val_loss"] = val_loss(history)
     print(f"stage3: validation loss {report['stage3.val_loss']}, answer accuracy on {len(watched)} valid spoken "

@@ -83,9 +83,12 @@ def test_every_step_writes_its_part_and_the_report(smoke_run):
         assert (run_dir / path).exists(), path
     # each stage's evaluations decode held-out examples: task scores beside the loss
     for stage, score in (("stage0", "fact_accuracy"), ("stage0", "typed_accuracy"), ("stage2", "asr_cer"),
-                         ("stage3", "answer_accuracy")):
+                         ("stage2", "fact_accuracy"), ("stage2", "typed_accuracy"), ("stage3", "answer_accuracy")):
         records = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
-        assert any(score in r and "val_loss" in r for r in records), stage
+        assert any(score in r and "val_loss" in r for r in records), (stage, score)
+    # stage 2 reads its text (statements, typed questions) as a stream of its own, with a loss of its own
+    stage2 = [json.loads(line) for line in (run_dir / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["text_loss"] > 0 for r in stage2)
     units = [json.loads(line) for line in (run_dir / "units.jsonl").read_text().splitlines()]
     assert all(len(u["units"]) == len(u["durations"]) > 0 for u in units)
     assert 0.0 <= report["units.pnmi"] <= 1.0 and report["vocoder.rtf"] > 0
@@ -204,7 +207,9 @@ def test_skipped_stages_hand_their_place_to_the_last_stage_that_ran():
         main(["--preset", "smoke", "--set", "stage1.steps=0", "--stage", "stage1"])
     for bad, message in (("text_replay.stage2=-1", r"text_replay\.stage2=-1: how many times stage2 or stage3"),
                          ("typed_qa.stage2=all", r"typed_qa\.stage2='all': how many times stage0 or stage2"),
-                         ("typed_qa.stage3=1", "unknown setting 'stage3'; settings here: stage0, stage2")):
+                         ("typed_qa.stage3=1", "unknown setting 'stage3'; settings here: stage0, stage2"),
+                         ("stage2.text_weight=-1", "stage2: text_batch_size and text_weight must be >= 0"),
+                         ("stage3.batch_size=0", "stage3: batch_size must be >= 1")):
         with pytest.raises(UserError, match=message):
             main(["--preset", "smoke", "--set", bad, "--stage", "stage2"])
 
