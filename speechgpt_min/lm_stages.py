@@ -269,7 +269,8 @@ def step_stage3(args, settings, report, corpus):
 # ----------------------------------------------------------------------------- learning curves
 
 def plot_curves(run_dir):
-    """curves.png: per LM stage, training and validation loss, and the task score, against the step."""
+    """curves.png: per LM stage, training (and text stream) and validation loss, and the task scores,
+    against the step."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -284,11 +285,15 @@ def plot_curves(run_dir):
     for ax, stage in zip(axes[0], stages):
         records = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
         ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=0.8, label="train loss")
+        texts = [r for r in records if "text_loss" in r]  # a text stream's own loss (stage 2)
+        if texts:
+            ax.plot([r["step"] for r in texts], [r["text_loss"] for r in texts], lw=0.8, color="C7", alpha=0.6,
+                    label="text loss")
         evals = [r for r in records if "val_loss" in r]
         ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="valid loss")
         ax.set(title=stage, xlabel="step", ylabel="loss (nats/token)")
         scores = sorted({k for r in records for k in r} - {"step", "loss", "lr", "grad_norm", "tokens_per_s",
-                                                           "seconds", "epoch", "val_loss"})
+                                                           "seconds", "epoch", "val_loss", "text_loss"})
         if scores:
             twin = ax.twinx()
             for key, color in zip(scores, ("C3", "C2", "C4", "C5")):
