@@ -234,11 +234,9 @@ def main(argv=None):
     for name, (stages, what) in mixes.items():
         for stage, copies in settings[name].items():
             if isinstance(copies, bool) or not isinstance(copies, (int, float)) or copies < 0:
-                raise UserError(f"{name}.{stage}={copies!r}: how many times {' or '.join(stages)} mixes in {what} "
+                raise UserError(f"{name}.{stage}={copies!r}: how many times {' or '.join(stages)} reads {what} "
                                 f"(a number: 0 none, 0.25 a quarter of them, 2 twice)")
-    for stage in LM_STAGES:  # a bad --set stage2.X: one line now, not a traceback after the units step
-        if settings[stage].get("steps") == 0:  # skipped
-            continue
+    for stage in [s for s in steps if s in LM_STAGES]:  # a bad --set stage2.X: one line now, not after the units step
         try:
             TrainConfig(**settings[stage])
         except (TypeError, ValueError) as error:
