@@ -1,6 +1,7 @@
 """The main job: run SpeechGPT's pipeline on a corpus, step by step, into a run directory.
 
-    python train.py                       # the whole toy pipeline on tiny_data/ into runs/toy/
+    python train.py                       # the whole toy pipeline on tiny_data/ into runs/toy/ (~15 min)
+    python train.py --preset laptop       # the same recipe for longer: hears and answers better (~1 hour)
     python train.py --stage units         # one step, from the previous step's output
     python train.py --set stage2.steps=900 --set lm.dim=192   # change any setting of the preset
 
@@ -11,17 +12,17 @@ Steps, in order (each writes into the run directory and adds its numbers to repo
           how alike one sentence's units are in two voices.
   stage0  text pretraining: the LM learns the corpus's text and answers the training questions typed
           (the toy's stand-in for what LLaMA brings: the world's facts, learnt from text, and answering
-          in text). The toy preset skips it, stage0.steps=0: it slows the speech stages down
+          in text). The toy and laptop presets skip it, stage0.steps=0: it slows the speech stages down
           (docs/recipe.md §9); --set stage0.steps=1000 runs it. The toy reads the text in stage 2
           instead: the corpus's fact statements (text_replay, recipe §12, §14).
           --no-text-pretraining reads no text at all: no stage 0, no statements.
-  stage1  modality adaptation: the LM learns unit sequences of the training speech (the toy preset
-          skips it, stage1.steps=0: in its budget it slowed stage 2 down; docs/recipe.md).
+  stage1  modality adaptation: the LM learns unit sequences of the training speech (both CPU presets
+          skip it, stage1.steps=0: in their budget it slowed stage 2 down; docs/recipe.md).
   stage2  cross-modal instruction: ASR (every voice) and TTS (the answer voice), every weight trained,
           and beside them text: the text corpus's fact statements (text_replay.stage2 copies of each)
           and the training questions typed (typed_qa.stage2 copies). With stage2.text_batch_size > 0
-          (the toy: 32) the text is a stream of its own, that many examples in every step with a loss
-          of their own; with 0, mixed into the speech examples (recipe §13, §14).
+          (toy: 16, laptop: 32) the text is a stream of its own, that many examples in every step with
+          a loss of their own; with 0, mixed into the speech examples (recipe §13, §14).
   stage3  chain of modality: spoken question -> transcript -> text answer -> spoken answer (LoRA).
   vocoder the toy's mel vocoder (units -> log-mel with context -> Griffin-Lim, mel_vocoder.py), trained
           on the answer voice's training speech and its units.
@@ -65,9 +66,10 @@ TRAIN_FIELDS = set(TrainConfig.__dataclass_fields__) - {"out_dir", "seed", "devi
 
 ANSWER_VOICE = "fest_slt"  # tiny_data's answer voice: TTS targets and spoken answers
 
-# The embedded default: the toy preset on tiny_data, sized for about an hour on 2 CPU cores.
+# The presets on tiny_data. laptop: the recipe that learns the tasks best on a CPU, about an hour on 2
+# cores (README, "What a run gives"; docs/recipe.md has every experiment behind it).
 DEFAULTS = {
-    "toy": dict(
+    "laptop": dict(
         units="phones", phone_epochs=[2, 2], phone_recognizer=dict(channels=192),  # the toy's ears (phones.py)
         phone_speeds=[0.9, 1.1],   # speed-perturbed copies of the training speech in its round 2
         hubert_preset="toy", n_units=100, hubert_steps=[700], target_layer=0, unit_layer=1,  # with units=hubert
@@ -105,10 +107,20 @@ DEFAULTS = {
         watch=2,
     ),
 }
+# The default, toy: the laptop recipe cut to about 15 minutes on 2 cores. Its ears train on the
+# speech as it is (no speed-perturbed copies); stage 2 runs 1400 steps with 16 text examples each,
+# three copies of the typed questions to one of the statements (answering first, knowledge second);
+# stage 3 runs 400; the eval asks fewer questions. It hears and answers less well (recipe §15).
+LAPTOP = DEFAULTS["laptop"]
+DEFAULTS["toy"] = dict(LAPTOP, phone_speeds=[], typed_qa=dict(LAPTOP["typed_qa"], stage2=3),
+                       stage2=dict(LAPTOP["stage2"], steps=1400, text_batch_size=16),
+                       stage3=dict(LAPTOP["stage3"], steps=400),
+                       vocoder=dict(LAPTOP["vocoder"], steps=500),
+                       eval_sentences=40, eval_spoken_questions=40)
 # SpeechGPT-7B as the paper trained it: LLaMA-7B, mHuBERT's layer-11 units with K=1000 (made outside
 # this script), the released LoRA, each stage's batch, length and steps (speechgpt_min/costing.py has
 # the numbers and their sources). LM stages only, on GPUs; --dry-run prints what each stage costs.
-DEFAULTS["speechgpt-7b"] = dict(DEFAULTS["toy"], n_units=1000, unit_layer=11, lm_preset="llama-7b",
+DEFAULTS["speechgpt-7b"] = dict(LAPTOP, n_units=1000, unit_layer=11, lm_preset="llama-7b",
                                 block_size=STAGES[0].seq_len, lora="speechgpt", **stage_settings(),
                                 typed_qa=dict(stage0=0, stage2=0))  # LLaMA answers in text already
 
@@ -150,8 +162,8 @@ def parse_args(argv=None):
     parser.add_argument("--stage", choices=["all", *STEPS], default="all",
                         help="run one step (from the previous step's output in --out), or all of them (default)")
     parser.add_argument("--preset", choices=sorted(DEFAULTS), default="toy",
-                        help="model sizes and step budgets (default: toy, sized for about an hour on 2 CPU cores; smoke: a few "
-                             "steps of each; speechgpt-7b: the paper's LLaMA-7B recipe, on GPUs)")
+                        help="model sizes and step budgets (default: toy, about 15 minutes on 2 CPU cores; laptop: "
+                             "the same recipe, longer, about an hour, hears and answers better; smoke: a few steps of each; speechgpt-7b: the paper's LLaMA-7B recipe, on GPUs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="change one setting of the preset, e.g. stage2.steps=900 or lm.dim=192 (repeatable)")
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parent / "tiny_data",

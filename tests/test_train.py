@@ -177,6 +177,26 @@ def test_a_stage_takes_any_trainer_setting(tmp_path):
         apply_overrides(DEFAULTS["toy"], ["stage2.seed=1"])
 
 
+def test_the_toy_is_the_laptop_recipe_cut_short(tmp_path):
+    """Both CPU presets build valid training settings for the LM stages they run; the toy differs from
+    the laptop only in budgets (steps, speed copies, text per step, eval sizes), never in the model."""
+    from argparse import Namespace
+
+    from speechgpt_min.lm_stages import LM_STAGES, train_config
+    from train import DEFAULTS
+
+    args = Namespace(out=tmp_path, seed=0, device="cpu", resume=False)
+    toy, laptop = DEFAULTS["toy"], DEFAULTS["laptop"]
+    for preset in (toy, laptop):
+        for stage in [s for s in LM_STAGES if preset[s]["steps"] > 0]:  # stages 0 and 1 are skipped
+            train_config(args, preset, stage)  # a TrainConfig: raises on a bad setting
+    assert {key for key in laptop if toy[key] != laptop[key]} <= {
+        "phone_speeds", "typed_qa", "stage2", "stage3", "vocoder", "eval_sentences", "eval_spoken_questions"}
+    for key in ("lm_preset", "lm", "phone_recognizer", "lora", "block_size", "answer_voice"):
+        assert toy[key] == laptop[key]
+    assert toy["stage2"]["steps"] < laptop["stage2"]["steps"] and toy["stage3"]["steps"] < laptop["stage3"]["steps"]
+
+
 def test_user_mistakes_get_one_line(tmp_path):
     result = run_train("--data", tmp_path / "nowhere", "--out", tmp_path / "run", "--stage", "units")
     assert result.returncode != 0
