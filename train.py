@@ -163,7 +163,8 @@ def parse_args(argv=None):
                         help="run one step (from the previous step's output in --out), or all of them (default)")
     parser.add_argument("--preset", choices=sorted(DEFAULTS), default="toy",
                         help="model sizes and step budgets (default: toy, about 15 minutes on 2 CPU cores; laptop: "
-                             "the same recipe, longer, about an hour, hears and answers better; smoke: a few steps of each; speechgpt-7b: the paper's LLaMA-7B recipe, on GPUs)")
+                             "the same recipe, longer, about an hour, hears and answers better; smoke: a few steps "
+                             "of each; speechgpt-7b: the paper's LLaMA-7B recipe, on GPUs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="change one setting of the preset, e.g. stage2.steps=900 or lm.dim=192 (repeatable)")
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parent / "tiny_data",

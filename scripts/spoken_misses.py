@@ -1,57 +1,58 @@
 """Where a run's spoken answers are lost: in the hearing, or in the answering?
 
     python scripts/spoken_misses.py --run runs/toy            # the eval's spoken test questions, seen voices
-    python scripts/spoken_misses.py --run runs/laptop -n 60 --split test_unseen_voice
+    python scripts/spoken_misses.py --run runs/laptop --split test_unseen_voice
 
-Asks the run (stage 3, greedy, as the eval does) the same evenly spread spoken test questions as
-`train.py`'s eval, and splits them by whether the transcript is exactly right (after the eval's text
-normalisation): the answer accuracy among the questions heard right says how well the run answers,
-the share heard right how much the hearing costs. Prints the misses with what was heard.
+Asks the run (stage 3, greedy, `evaluate_chain` as the eval calls it) the same evenly spread spoken
+test questions as `train.py`'s eval (its `eval_spoken_questions`, from the run's settings.json), and
+splits them by whether the transcript is exactly right (after the eval's text normalisation): the
+answer accuracy among the questions heard right says how well the run answers, the share heard
+right how much the hearing costs. Prints the misses with what was heard.
 """
 import argparse
+import json
 import sys
 from argparse import Namespace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py, for its presets
-from speechgpt_min.evaluate import chat_in_batches, evenly_spaced, normalize_text  # noqa: E402
-from speechgpt_min.pipeline import SpeechGPT  # noqa: E402
-from speechgpt_min.run_corpus import Corpus, UserError  # noqa: E402
-from train import DEFAULTS  # noqa: E402
+from speechgpt_min.evaluate import evaluate_chain, evenly_spaced, normalize_text
+from speechgpt_min.pipeline import SpeechGPT
+from speechgpt_min.run_corpus import Corpus, UserError
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a finished run directory (train.py --out)")
-    parser.add_argument("--data", type=Path, default=Path("tiny_data"), help="its corpus (default: tiny_data/)")
-    parser.add_argument("-n", type=int, default=40, help="questions, evenly spread as the eval spreads them (default: 40, the toy's)")
+    parser.add_argument("--data", type=Path, default=REPO / "tiny_data", help="its corpus (default: tiny_data/)")
     parser.add_argument("--split", default="test", choices=["test", "test_unseen_voice"],
                         help="whose recordings: the seen voices' (test) or the unseen voice's")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not (args.run / "stage3" / "adapter").is_dir():
-        sys.exit(f"{args.run}: no stage-3 adapter; finish the run first (python train.py --out {args.run})")
+    if not (args.run / "stage3" / "adapter").is_dir() or not (args.run / "settings.json").is_file():
+        sys.exit(f"{args.run}: no finished run (settings.json, stage-3 adapter); python train.py --out {args.run}")
+    settings = json.loads((args.run / "settings.json").read_text())
     try:
-        corpus = Corpus(Namespace(data=args.data, out=args.run), DEFAULTS["toy"])
+        corpus = Corpus(Namespace(data=args.data, out=args.run), settings)
         units = corpus.units()
     except UserError as error:
         sys.exit(str(error))
-    items = evenly_spaced(corpus.spoken_questions("test", args.split, units), args.n)  # (units, question, answer, _)
-    sgpt = SpeechGPT.from_run(args.run, device="cpu")
-    results = chat_in_batches(sgpt, [dict(units=q_units) for q_units, *_ in items], desc="spoken questions",
-                              task="dialogue", max_new_tokens=384, stop_at="[ua]")
-    heard = [normalize_text(r.transcript) == normalize_text(q) for r, (_, q, _, _) in zip(results, items)]
-    right = [normalize_text(r.text_answer) == normalize_text(a) for r, (_, _, a, _) in zip(results, items)]
+    items = evenly_spaced(corpus.spoken_questions("test", args.split, units), settings["eval_spoken_questions"])
+    chain = evaluate_chain(SpeechGPT.from_run(args.run, device="cpu"), items, settings["eval_tokens"]["chain"],
+                           speech_answer=False)
+    heard = [normalize_text(t) == normalize_text(q) for t, (_, q, _, _) in zip(chain["transcripts"], items)]
+    right = [normalize_text(t) == normalize_text(a) for t, (_, _, a, _) in zip(chain["text_answers"], items)]
     n_heard = sum(heard)
     print(f"{args.run} ({args.split}): {sum(right)} of {len(items)} answered right; "
           f"transcribed exactly {n_heard}, of them answered right {sum(r for r, h in zip(right, heard) if h)}; "
           f"misheard {len(items) - n_heard}, of them answered right {sum(r for r, h in zip(right, heard) if not h)}")
-    for result, (_, question, answer, _), ok in zip(results, items, right):
+    for transcript, answer, (_, question, truth, _), ok in zip(chain["transcripts"], chain["text_answers"], items, right):
         if not ok:
-            print(f"  {question!r}: heard {result.transcript!r} -> {result.text_answer!r} (truth: {answer!r})")
+            print(f"  {question!r}: heard {transcript!r} -> {answer!r} (truth: {truth!r})")
 
 
 if __name__ == "__main__":

@@ -187,17 +187,17 @@ def evaluate_chain(sgpt, items, max_new_tokens=768, progress=True, speech_answer
     """items: (question units, question text, answer text, answer units) -> greedy spoken dialogue scores:
     transcript_wer, answer_accuracy (exact match of [ta]), speech_answer_unit_edit_distance,
     well_formed (share of responses that parse whole: transcript, text answer and speech answer), n,
-    answer_units (each spoken answer's units), text_answers (each response's [ta] text).
+    answer_units (each spoken answer's units), transcripts and text_answers (each response's own).
     speech_answer=False stops each response at "[ua]" (faster): only transcript_wer, answer_accuracy, n,
-    text_answers."""
+    transcripts, text_answers."""
     items = _check_items(items, "chain")
     results = chat_in_batches(sgpt, [dict(units=q_units) for q_units, *_ in items], batch_size, "eval chain",
                               progress, task="dialogue", max_new_tokens=max_new_tokens,
                               stop_at=None if speech_answer else "[ua]")
-    answers = [r.text_answer for r in results]
-    scores = {"transcript_wer": word_error_rate([q for _, q, _, _ in items], [r.transcript for r in results]),
+    answers, transcripts = [r.text_answer for r in results], [r.transcript for r in results]
+    scores = {"transcript_wer": word_error_rate([q for _, q, _, _ in items], transcripts),
               "answer_accuracy": exact_match_accuracy([a for _, _, a, _ in items], answers),
-              "n": len(results), "text_answers": answers}
+              "n": len(results), "transcripts": transcripts, "text_answers": answers}
     if speech_answer:
         scores["speech_answer_unit_edit_distance"] = unit_edit_distance([list(u) for *_, u in items],
                                                                         [r.answer_units for r in results])
