@@ -15,8 +15,13 @@ toy hears through phones, learnt the way speech recognisers bootstrap:
                Speed-perturbed copies of the training speech (`speed_perturbed`: train.py adds each
                utterance 0.9x and 1.1x as fast, so pace, pitch and formants move as in another
                speaker) join round 2 as utterances with no alignment: new voices are heard better
-    units      the most likely phone of each frame, repeats merged: <sosp><12><7>...<eosp>, ids
-               into the phone list, exactly as k-means units are spelled; durations for the vocoder
+    round 3    (optional, as HuBERT iterates its targets) align them again with round 2's better
+               model and learn on: the voices festival did not align are heard better
+    units      the most likely phones, repeats merged: <sosp><12><7>...<eosp>, ids into the phone
+               list, exactly as k-means units are spelled; durations for the vocoder. Each frame's
+               own best phone leaves stray one-frame phones, most of all in a voice never heard;
+               with a switch_penalty the decoder pays for every change of phone (`switch_viterbi`),
+               and keeps a short phone only when the frames clearly say so (README, "Speech to units")
 
     features = [normalised_mfcc(wav) for wav in wavs]
     recognizer = train_phone_recognizer(features, labels, pronunciations)  # labels: frame phones or None
@@ -53,6 +58,7 @@ class PhoneRecognizerConfig:
     channels: int = 192
     dilations: tuple = (1, 2, 4, 8, 1, 2, 4, 8)  # receptive field: 2 * sum + 5 frames (about 1.4 s)
     dropout: float = 0.1
+    switch_penalty: float = 0.0  # decoding: log-probability each change of phone costs (0: every frame's argmax)
 
     def __post_init__(self):
         self.dilations = tuple(self.dilations)
@@ -126,28 +132,24 @@ class PhoneRecognizer(nn.Module):
     def n_units(self):
         return len(self.config.phones)
 
-    @torch.no_grad()
-    def log_probs(self, features):
-        """(T, 39) normalised MFCCs -> (T, phones) log-posteriors."""
-        self.eval()
-        return F.log_softmax(self(features[None].to(self.inp.weight.device))[0], dim=-1).cpu()
-
     def units(self, wav):
-        """wav (T,) at 16 kHz -> (T',) long: the most likely phone of every 20 ms frame."""
-        return self.log_probs(normalised_mfcc(wav.float().cpu())).argmax(-1)
+        """wav (T,) at 16 kHz -> (T',) long: the phone of every 20 ms frame (`recognize`)."""
+        return self.recognize([normalised_mfcc(wav.float().cpu())])[0]
 
     @torch.no_grad()
     def recognize(self, features, batch_size=32, log_probs=False, progress=False):
-        """Many utterances at once: list of (T_i, 39) normalised MFCCs -> list of (T_i,) phone ids
-        (or, with log_probs, of (T_i, phones) log-posteriors)."""
+        """Many utterances at once: list of (T_i, 39) normalised MFCCs -> list of (T_i,) phone ids,
+        decoded with the config's switch_penalty (or, with log_probs, (T_i, phones) log-posteriors)."""
         self.eval()
         order = sorted(range(len(features)), key=lambda i: len(features[i]))  # little padding
         out = [None] * len(features)
         for start in tqdm(range(0, len(order), batch_size), desc="phone units", disable=not progress):
             batch = order[start:start + batch_size]
             x = nn.utils.rnn.pad_sequence([features[i] for i in batch], batch_first=True)  # (B, T, 39)
-            logits = self(x.to(self.inp.weight.device)).cpu()  # (B, T, phones)
-            result = F.log_softmax(logits, dim=-1) if log_probs else logits.argmax(-1)
+            result = F.log_softmax(self(x.to(self.inp.weight.device)).cpu(), dim=-1)  # (B, T, phones)
+            if not log_probs:
+                lengths = torch.tensor([len(features[i]) for i in batch])
+                result = switch_viterbi(result, lengths, self.config.switch_penalty)  # (B, T)
             for row, i in enumerate(batch):
                 out[i] = result[row, :len(features[i])]
         return out
@@ -167,6 +169,32 @@ class PhoneRecognizer(nn.Module):
         model = cls(PhoneRecognizerConfig(**config))
         model.load_state_dict(load_file(directory / "model.safetensors"), strict=True)
         return model.eval()
+
+
+def switch_viterbi(log_probs, lengths, penalty):
+    """The best phone path when every change of phone costs `penalty` (an HMM whose only transition
+    score is that cost): log_probs (B, T, P), lengths (B,) real frames of each -> (B, T) phone ids
+    (padding frames: 0). penalty 0 gives every frame's own argmax."""
+    if penalty == 0:
+        return log_probs.argmax(-1)
+    B, T, P = log_probs.shape
+    score = log_probs[:, 0]  # (B, P): the best path ending on each phone at frame t
+    scores = [score]
+    best_before = torch.zeros(B, T, dtype=torch.long)   # the phone a switch at frame t comes from
+    stayed = torch.ones(B, T, P, dtype=torch.bool)      # the best path to (t, p) was on p at t - 1
+    for t in range(1, T):
+        top, best_before[:, t] = score.max(-1)
+        stayed[:, t] = score >= top[:, None] - penalty
+        score = torch.maximum(score, top[:, None] - penalty) + log_probs[:, t]
+        scores.append(score)
+    path, stayed, best_before = np.zeros((B, T), dtype=np.int64), stayed.numpy(), best_before.numpy()
+    for b, n in enumerate(lengths.tolist()):  # back from each utterance's own last frame
+        phone = int(scores[n - 1][b].argmax())
+        for t in range(n - 1, -1, -1):
+            path[b, t] = phone
+            if not stayed[b, t, phone]:
+                phone = best_before[b, t]
+    return torch.from_numpy(path)
 
 
 # ----------------------------------------------------------------------------- forced alignment
@@ -234,14 +262,16 @@ def _epochs(model, inputs, targets, epochs, lr, batch_size, rng, desc, progress,
 
 def train_phone_recognizer(features, frame_labels, pronunciations, config=None, epochs=(2, 2), lr=2e-3,
                            batch_size=16, seed=0, progress=True, device="cpu"):
-    """The two rounds of the module docstring.
+    """The rounds of the module docstring.
 
     features: list of (T_i, 39) normalised MFCCs of the training speech (`normalised_mfcc`).
     frame_labels: per utterance, its phones per 50 Hz frame (a list of phone names, e.g. from
         units.frame_phones of a festival alignment), or None where the voice has no alignment.
     pronunciations: per utterance, its text's phones in order (names), used to force-align the others.
-    epochs: (round 1, round 2). device: where the model trains ("cpu", "cuda", "mps", "auto";
-        device.resolve_device); forced alignment runs on the CPU.
+    epochs: per round: round 1 on the aligned utterances, then each later round force-aligns the others
+        with the model so far and learns from all (2, 2, 1: a third round, aligned by round 2's model).
+    device: where the model trains ("cpu", "cuda", "mps", "auto"; device.resolve_device); forced
+        alignment runs on the CPU.
     Returns the trained PhoneRecognizer, on `device`.
     """
     device = resolve_device(device)  # an unavailable device fails here, before any work
@@ -264,11 +294,13 @@ def train_phone_recognizer(features, frame_labels, pronunciations, config=None, 
 
     others = [i for i in range(len(features)) if i not in targets
               and len(pronunciations[i]) <= len(features[i])]  # (a text too long for its audio is left out)
-    posteriors = model.recognize([features[i] for i in others], log_probs=True, progress=progress)
-    for start in tqdm(range(0, len(others), 256), desc="forced alignment", disable=not progress):
-        batch = others[start:start + 256]
-        ids = [[index[p] for p in pronunciations[i]] for i in batch]
-        targets.update(zip(batch, forced_align_batch(posteriors[start:start + 256], ids)))
-    chosen = sorted(targets)
-    return _epochs(model, [features[i] for i in chosen], [targets[i] for i in chosen], epochs[1], lr / 2, batch_size,
-                   rng, "phones, round 2", progress, device)
+    for round_number, round_epochs in enumerate(epochs[1:], start=2):
+        posteriors = model.recognize([features[i] for i in others], log_probs=True, progress=progress)
+        for start in tqdm(range(0, len(others), 256), desc="forced alignment", disable=not progress):
+            batch = others[start:start + 256]
+            ids = [[index[p] for p in pronunciations[i]] for i in batch]
+            targets.update(zip(batch, forced_align_batch(posteriors[start:start + 256], ids)))
+        chosen = sorted(targets)
+        _epochs(model, [features[i] for i in chosen], [targets[i] for i in chosen], round_epochs, lr / 2, batch_size,
+                rng, f"phones, round {round_number}", progress, device)
+    return model

@@ -7,7 +7,7 @@ import torch
 
 from speechgpt_min.phones import (
     PhoneRecognizer, PhoneRecognizerConfig, forced_align, forced_align_batch, normalised_mfcc, speed_perturbed,
-    train_phone_recognizer,
+    switch_viterbi, train_phone_recognizer,
 )
 
 
@@ -53,6 +53,28 @@ def test_batched_alignment_equals_one_at_a_time():
         forced_align(torch.zeros(2, 3), [0, 1, 2])
 
 
+def brute_force_switch_path(log_probs, penalty):
+    """Every phone path through log_probs (T, P): the best total score, `penalty` off per change of phone."""
+    T, P = log_probs.shape
+    def score(path):
+        changes = sum(a != b for a, b in zip(path, path[1:]))
+        return sum(float(log_probs[t, p]) for t, p in enumerate(path)) - penalty * changes
+    return list(max(itertools.product(range(P), repeat=T), key=score))
+
+
+def test_switch_viterbi_is_the_best_path_with_a_cost_per_change():
+    torch.manual_seed(2)
+    log_probs = torch.randn(3, 6, 3).log_softmax(-1)  # (B, T, P): three utterances, the last two padded
+    lengths = torch.tensor([6, 4, 1])
+    for penalty in (0.0, 0.7, 2.0, 50.0):
+        paths = switch_viterbi(log_probs, lengths, penalty)
+        for b, n in enumerate(lengths.tolist()):
+            assert paths[b, :n].tolist() == brute_force_switch_path(log_probs[b, :n], penalty), (penalty, b)
+    assert torch.equal(switch_viterbi(log_probs, lengths, 0.0), log_probs.argmax(-1))  # no cost: each frame's own best
+    one_phone = switch_viterbi(log_probs, lengths, 50.0)  # a change costs more than any frame can pay back
+    assert all(len(set(one_phone[b, :n].tolist())) == 1 for b, n in enumerate(lengths.tolist()))
+
+
 def tone_utterance(phones, rng):
     """A waveform whose every 'phone' is a tone of its own pitch, 3-6 frames long; its frame labels."""
     pitch = {"a": 300.0, "b": 700.0, "c": 1500.0}
@@ -74,8 +96,8 @@ def test_training_learns_a_phone_inventory_and_round_trips(tmp_path):
     utterances = [tone_utterance(text, rng) for text in texts]
     features = [normalised_mfcc(wav) for wav, _ in utterances]
     labels = [lab if i % 2 == 0 else None for i, (_, lab) in enumerate(utterances)]  # half aligned
-    recognizer = train_phone_recognizer(features, labels, texts, PhoneRecognizerConfig(channels=32, dilations=(1, 2)),
-                                        epochs=(8, 4), lr=5e-3, batch_size=8, progress=False)
+    recognizer = train_phone_recognizer(features, labels, texts, PhoneRecognizerConfig(channels=32, dilations=(1, 2),
+                                        switch_penalty=1.0), epochs=(8, 4), lr=5e-3, batch_size=8, progress=False)
     assert recognizer.config.phones == ["a", "b", "c"]
     predicted = recognizer.recognize(features)
     truth = [torch.tensor([recognizer.config.phones.index(p) for p in lab[:len(f)]]) for (_, lab), f in
@@ -87,10 +109,32 @@ def test_training_learns_a_phone_inventory_and_round_trips(tmp_path):
     recognizer.save_pretrained(tmp_path / "phones")
     loaded = PhoneRecognizer.from_pretrained(tmp_path / "phones")
     assert loaded.config.phones == recognizer.config.phones
+    assert loaded.config.switch_penalty == 1.0  # it decodes as it was trained to
     assert all(torch.equal(a, b) for a, b in zip(loaded.recognize(features), predicted))
     (tmp_path / "phones" / "config.json").write_text('{"format": "something else"}')
     with pytest.raises(ValueError, match="not a phone recognizer"):
         PhoneRecognizer.from_pretrained(tmp_path / "phones")
+
+
+def test_each_round_after_the_first_aligns_the_unaligned_utterances_again(monkeypatch):
+    import numpy as np
+
+    import speechgpt_min.phones as phones
+
+    rng = np.random.default_rng(3)
+    texts = [[str(p) for p in rng.choice(list("abc"), size=4)] for _ in range(6)]
+    utterances = [tone_utterance(text, rng) for text in texts]
+    features = [normalised_mfcc(wav) for wav, _ in utterances]
+    labels = [lab if i % 2 == 0 else None for i, (_, lab) in enumerate(utterances)]
+    aligned = []  # the utterances each forced alignment was asked for
+    real_align = phones.forced_align_batch
+    monkeypatch.setattr(phones, "forced_align_batch",
+                        lambda log_probs, ids: aligned.append(len(ids)) or real_align(log_probs, ids))
+    config = PhoneRecognizerConfig(channels=8, dilations=(1,))
+    for epochs, alignments in (((1,), []), ((1, 1), [3]), ((1, 1, 1), [3, 3])):
+        aligned.clear()
+        train_phone_recognizer(features, labels, texts, config, epochs=epochs, batch_size=4, progress=False)
+        assert aligned == alignments, epochs
 
 
 def test_config_rejects_duplicate_phones():

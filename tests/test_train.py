@@ -179,7 +179,8 @@ def test_a_stage_takes_any_trainer_setting(tmp_path):
 
 def test_the_toy_is_the_laptop_recipe_cut_short(tmp_path):
     """Both CPU presets build valid training settings for the LM stages they run; the toy differs from
-    the laptop only in budgets (steps, speed copies, text per step, eval sizes), never in the model."""
+    the laptop only in budgets (steps, rounds of the ears, speed copies, text per step, eval sizes), never
+    in the model."""
     from argparse import Namespace
 
     from speechgpt_min.lm_stages import LM_STAGES, train_config
@@ -191,7 +192,8 @@ def test_the_toy_is_the_laptop_recipe_cut_short(tmp_path):
         for stage in [s for s in LM_STAGES if preset[s]["steps"] > 0]:  # stages 0 and 1 are skipped
             train_config(args, preset, stage)  # a TrainConfig: raises on a bad setting
     assert set(toy) == set(laptop) and {key for key in laptop if toy[key] != laptop[key]} <= {
-        "phone_speeds", "typed_qa", "stage2", "stage3", "vocoder", "eval_sentences", "eval_spoken_questions"}
+        "phone_epochs", "phone_speeds", "typed_qa", "stage2", "stage3", "vocoder", "eval_sentences",
+        "eval_spoken_questions"}
     assert toy["stage2"]["steps"] < laptop["stage2"]["steps"] and toy["stage3"]["steps"] < laptop["stage3"]["steps"]
 
 
