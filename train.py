@@ -1,7 +1,7 @@
 """The main job: run SpeechGPT's pipeline on a corpus, step by step, into a run directory.
 
     python train.py                       # the whole toy pipeline on tiny_data/ into runs/toy/ (~15 min)
-    python train.py --preset laptop       # the same recipe for longer: hears and answers better (~1 hour)
+    python train.py --preset laptop       # the same recipe for longer: hears and answers better (~45 min)
     python train.py --stage units         # one step, from the previous step's output
     python train.py --set stage2.steps=900 --set lm.dim=192   # change any setting of the preset
 
@@ -66,7 +66,7 @@ TRAIN_FIELDS = set(TrainConfig.__dataclass_fields__) - {"out_dir", "seed", "devi
 
 ANSWER_VOICE = "fest_slt"  # tiny_data's answer voice: TTS targets and spoken answers
 
-# The presets on tiny_data. laptop: the recipe that learns the tasks best on a CPU, about an hour on 2
+# The presets on tiny_data. laptop: the recipe that learns the tasks best on a CPU, about 45 minutes on 2
 # cores (README, "What a run gives"; docs/recipe.md has every experiment behind it).
 DEFAULTS = {
     "laptop": dict(
@@ -109,14 +109,14 @@ DEFAULTS = {
     ),
 }
 # The default, toy: the laptop recipe cut to about 15 minutes on 2 cores. Its ears train two rounds
-# on the speech as it is (no speed-perturbed copies, no third round); stage 2 runs 1400 steps with 16
+# on the speech as it is (no speed-perturbed copies, no third round); stage 2 runs 1300 steps with 16
 # text examples each, three copies of the typed questions to one of the statements (answering first,
-# knowledge second); stage 3 runs 400; the eval asks fewer questions. It hears and answers less well
+# knowledge second); stage 3 runs 350; the eval asks fewer questions. It hears and answers less well
 # (recipe §15, §16).
 LAPTOP = DEFAULTS["laptop"]
 DEFAULTS["toy"] = dict(LAPTOP, phone_epochs=[2, 2], phone_speeds=[], typed_qa=dict(LAPTOP["typed_qa"], stage2=3),
-                       stage2=dict(LAPTOP["stage2"], steps=1400, text_batch_size=16),
-                       stage3=dict(LAPTOP["stage3"], steps=400),
+                       stage2=dict(LAPTOP["stage2"], steps=1300, text_batch_size=16),
+                       stage3=dict(LAPTOP["stage3"], steps=350),
                        vocoder=dict(LAPTOP["vocoder"], steps=500),
                        eval_sentences=40, eval_spoken_questions=40)
 # SpeechGPT-7B as the paper trained it: LLaMA-7B, mHuBERT's layer-11 units with K=1000 (made outside
@@ -165,7 +165,7 @@ def parse_args(argv=None):
                         help="run one step (from the previous step's output in --out), or all of them (default)")
     parser.add_argument("--preset", choices=sorted(DEFAULTS), default="toy",
                         help="model sizes and step budgets (default: toy, about 15 minutes on 2 CPU cores; laptop: "
-                             "the same recipe, longer, about an hour, hears and answers better; smoke: a few steps "
+                             "the same recipe, longer, about 45 minutes, hears and answers better; smoke: a few steps "
                              "of each; speechgpt-7b: the paper's LLaMA-7B recipe, on GPUs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="change one setting of the preset, e.g. stage2.steps=900 or lm.dim=192 (repeatable)")
