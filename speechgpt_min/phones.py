@@ -174,7 +174,7 @@ class PhoneRecognizer(nn.Module):
 def switch_viterbi(log_probs, lengths, penalty):
     """The best phone path when every change of phone costs `penalty` (an HMM whose only transition
     score is that cost): log_probs (B, T, P), lengths (B,) real frames of each -> (B, T) phone ids
-    (padding frames: 0). penalty 0 gives every frame's own argmax."""
+    (frames past an utterance's length mean nothing). penalty 0 gives every frame's own argmax."""
     if penalty == 0:
         return log_probs.argmax(-1)
     B, T, P = log_probs.shape
