@@ -1,7 +1,7 @@
 """The main job: run SpeechGPT's pipeline on a corpus, step by step, into a run directory.
 
     python train.py                       # the whole toy pipeline on tiny_data/ into runs/toy/ (~15 min)
-    python train.py --preset laptop       # the same recipe for longer: hears and answers better (~45 min)
+    python train.py --preset laptop       # the same recipe for longer: hears and answers better (~50 min)
     python train.py --stage units         # one step, from the previous step's output
     python train.py --set stage2.steps=900 --set lm.dim=192   # change any setting of the preset
 
@@ -66,12 +66,13 @@ TRAIN_FIELDS = set(TrainConfig.__dataclass_fields__) - {"out_dir", "seed", "devi
 
 ANSWER_VOICE = "fest_slt"  # tiny_data's answer voice: TTS targets and spoken answers
 
-# The presets on tiny_data. laptop: the recipe that learns the tasks best on a CPU, about 45 minutes on 2
+# The presets on tiny_data. laptop: the recipe that learns the tasks best on a CPU, about 45-50 minutes on 2
 # cores (README, "What a run gives"; docs/recipe.md has every experiment behind it).
 DEFAULTS = {
     "laptop": dict(
         units="phones", phone_epochs=[2, 2, 1],  # the toy's ears (phones.py): epochs of each round
-        phone_recognizer=dict(channels=192, switch_penalty=1.5),  # each change of phone costs 1.5 (recipe §16)
+        # each change of phone costs 1.5; each utterance is also heard 0.85x and 1.15x as fast (recipe §16, §17)
+        phone_recognizer=dict(channels=192, switch_penalty=1.5, listen_speeds=[0.85, 1.15]),
         phone_speeds=[0.9, 1.1],   # speed-perturbed copies of the training speech in its rounds 2 and 3
         hubert_preset="toy", n_units=100, hubert_steps=[700], target_layer=0, unit_layer=1,  # with units=hubert
         lm_preset="toy", lm={}, block_size=256, answer_voice=ANSWER_VOICE,
@@ -93,7 +94,8 @@ DEFAULTS = {
     ),
     # A few steps of everything: checks that the pipeline runs end to end (the tests use it).
     "smoke": dict(
-        units="phones", phone_epochs=[1, 1], phone_recognizer=dict(channels=32, switch_penalty=1.5), phone_speeds=[1.1],
+        units="phones", phone_epochs=[1, 1], phone_speeds=[1.1],
+        phone_recognizer=dict(channels=32, switch_penalty=1.5, listen_speeds=[1.1]),
         hubert_preset="toy", n_units=20, hubert_steps=[2, 2], target_layer=2, unit_layer=3,
         lm_preset="toy", lm={}, block_size=64, answer_voice=ANSWER_VOICE,
         typed_qa=dict(stage0=1, stage2=1), text_replay=dict(stage2=1, stage3=1),
@@ -109,12 +111,15 @@ DEFAULTS = {
     ),
 }
 # The default, toy: the laptop recipe cut to about 15 minutes on 2 cores. Its ears train two rounds
-# on the speech as it is (no speed-perturbed copies, no third round); stage 2 runs 1300 steps with 16
-# text examples each, three copies of the typed questions to one of the statements (answering first,
+# on the speech as it is (no speed-perturbed copies, no third round) and hear it once (ears that never
+# learnt speed-perturbed speech hear worse at other speeds); stage 2 runs 1300 steps with 16 text
+# examples each, three copies of the typed questions to one of the statements (answering first,
 # knowledge second); stage 3 runs 350; the eval asks fewer questions. It hears and answers less well
-# (recipe §15, §16).
+# (recipe §15, §16, §17).
 LAPTOP = DEFAULTS["laptop"]
-DEFAULTS["toy"] = dict(LAPTOP, phone_epochs=[2, 2], phone_speeds=[], typed_qa=dict(LAPTOP["typed_qa"], stage2=3),
+DEFAULTS["toy"] = dict(LAPTOP, phone_epochs=[2, 2], phone_speeds=[],
+                       phone_recognizer=dict(channels=192, switch_penalty=1.5),
+                       typed_qa=dict(LAPTOP["typed_qa"], stage2=3),
                        stage2=dict(LAPTOP["stage2"], steps=1300, text_batch_size=16),
                        stage3=dict(LAPTOP["stage3"], steps=350),
                        vocoder=dict(LAPTOP["vocoder"], steps=500),
@@ -165,7 +170,7 @@ def parse_args(argv=None):
                         help="run one step (from the previous step's output in --out), or all of them (default)")
     parser.add_argument("--preset", choices=sorted(DEFAULTS), default="toy",
                         help="model sizes and step budgets (default: toy, about 15 minutes on 2 CPU cores; laptop: "
-                             "the same recipe, longer, about 45 minutes, hears and answers better; smoke: a few steps "
+                             "the same recipe, longer, about 45-50 minutes, hears and answers better; smoke: a few steps "
                              "of each; speechgpt-7b: the paper's LLaMA-7B recipe, on GPUs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="change one setting of the preset, e.g. stage2.steps=900 or lm.dim=192 (repeatable)")

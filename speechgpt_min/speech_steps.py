@@ -116,7 +116,7 @@ def learn_phone_units(args, settings, train_rows, wavs, corpus_rows):
                                         epochs=settings["phone_epochs"], seed=args.seed, device=args.device)
     recognizer.save_pretrained(args.out / "phones")
     print("units: recognising the corpus")
-    return recognizer.recognize(features, progress=True), recognizer.config.phones
+    return recognizer.hear(wavs, features, progress=True), recognizer.config.phones
 
 
 def learn_hubert_units(args, settings, train_wavs, wavs, rows, report):

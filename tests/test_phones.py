@@ -7,7 +7,7 @@ import torch
 
 from speechgpt_min.phones import (
     PhoneRecognizer, PhoneRecognizerConfig, forced_align, forced_align_batch, normalised_mfcc, speed_perturbed,
-    switch_viterbi, train_phone_recognizer,
+    stretched, switch_viterbi, train_phone_recognizer,
 )
 
 
@@ -88,6 +88,19 @@ def tone_utterance(phones, rng):
     return wav, labels
 
 
+def test_stretched_keeps_the_ends_and_interpolates_between():
+    frames = torch.tensor([[0.0, 10.0], [2.0, 20.0], [4.0, 30.0]])  # (T=3, D=2)
+    assert torch.equal(stretched(frames, 3), frames)
+    assert torch.allclose(stretched(frames, 5), torch.tensor([[0.0, 10.0], [1.0, 15.0], [2.0, 20.0], [3.0, 25.0],
+                                                              [4.0, 30.0]]))
+    assert torch.allclose(stretched(frames, 2), frames[[0, 2]])
+
+
+def test_config_rejects_a_speed_that_is_not_positive():
+    with pytest.raises(ValueError, match="listen_speeds must be positive"):
+        PhoneRecognizerConfig(listen_speeds=[1.1, 0])
+
+
 def test_training_learns_a_phone_inventory_and_round_trips(tmp_path):
     import numpy as np
 
@@ -106,10 +119,22 @@ def test_training_learns_a_phone_inventory_and_round_trips(tmp_path):
     assert accuracy > 0.8  # three tones are easy; a recognizer that learnt nothing scores about 1/3
     assert torch.equal(recognizer.units(utterances[1][0]), predicted[1])  # one waveform = the batched path
 
+    # Heard three ways: hearing it twice more as it is changes nothing; at other speeds, every
+    # waveform keeps its own frames and the tones are still told apart.
+    wavs = [wav for wav, _ in utterances]
+    recognizer.config.listen_speeds = (1.0, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(recognizer.hear(wavs), predicted))
+    recognizer.config.listen_speeds = (0.9, 1.1)
+    heard = recognizer.hear(wavs)
+    assert [len(h) for h in heard] == [len(p) for p in predicted]
+    assert sum(int((h[:len(t)] == t).sum()) for h, t in zip(heard, truth)) / sum(len(t) for t in truth) > 0.8
+    assert torch.equal(recognizer.units(wavs[1]), heard[1])
+
     recognizer.save_pretrained(tmp_path / "phones")
     loaded = PhoneRecognizer.from_pretrained(tmp_path / "phones")
     assert loaded.config.phones == recognizer.config.phones
     assert loaded.config.switch_penalty == 1.0  # it decodes as it was trained to
+    assert loaded.config.listen_speeds == (0.9, 1.1)
     assert all(torch.equal(a, b) for a, b in zip(loaded.recognize(features), predicted))
     (tmp_path / "phones" / "config.json").write_text('{"format": "something else"}')
     with pytest.raises(ValueError, match="not a phone recognizer"):
