@@ -156,9 +156,9 @@ class PhoneRecognizer(nn.Module):
 
         Each waveform is heard as it is and, for every speed in the config's listen_speeds, played that
         many times as fast (`speed_perturbed`, as the training copies are): each hearing's log-posteriors,
-        stretched back to the waveform's own frames, are averaged before decoding. One model heard
-        three ways errs less than any one hearing on a voice it never heard (README, "Speech to units").
-        features: the waveforms' normalised MFCCs, if already computed."""
+        stretched back to the waveform's own frames, are averaged before decoding. Ears that learnt
+        speed-perturbed copies mishear a voice they never heard less this way than in any one hearing
+        (README, "Speech to units"). features: the waveforms' normalised MFCCs, if already computed."""
         features = features if features is not None else [normalised_mfcc(w) for w in wavs]
         if not self.config.listen_speeds:
             return self.recognize(features, progress=progress)
