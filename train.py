@@ -66,8 +66,8 @@ TRAIN_FIELDS = set(TrainConfig.__dataclass_fields__) - {"out_dir", "seed", "devi
 
 ANSWER_VOICE = "fest_slt"  # tiny_data's answer voice: TTS targets and spoken answers
 
-# The presets on tiny_data. laptop: the recipe that learns the tasks best on a CPU, about 45-50 minutes on 2
-# cores (README, "What a run gives"; docs/recipe.md has every experiment behind it).
+# The presets on tiny_data. laptop: the recipe that learns the tasks best on a CPU, about 45-50 minutes
+# on 2 cores (README, "What a run gives"; docs/recipe.md has every experiment behind it).
 DEFAULTS = {
     "laptop": dict(
         units="phones", phone_epochs=[2, 2, 1],  # the toy's ears (phones.py): epochs of each round
@@ -118,7 +118,7 @@ DEFAULTS = {
 # (recipe §15, §16, §17).
 LAPTOP = DEFAULTS["laptop"]
 DEFAULTS["toy"] = dict(LAPTOP, phone_epochs=[2, 2], phone_speeds=[],
-                       phone_recognizer=dict(channels=192, switch_penalty=1.5),
+                       phone_recognizer=dict(LAPTOP["phone_recognizer"], listen_speeds=[]),
                        typed_qa=dict(LAPTOP["typed_qa"], stage2=3),
                        stage2=dict(LAPTOP["stage2"], steps=1300, text_batch_size=16),
                        stage3=dict(LAPTOP["stage3"], steps=350),
@@ -170,8 +170,8 @@ def parse_args(argv=None):
                         help="run one step (from the previous step's output in --out), or all of them (default)")
     parser.add_argument("--preset", choices=sorted(DEFAULTS), default="toy",
                         help="model sizes and step budgets (default: toy, about 15 minutes on 2 CPU cores; laptop: "
-                             "the same recipe, longer, about 45-50 minutes, hears and answers better; smoke: a few steps "
-                             "of each; speechgpt-7b: the paper's LLaMA-7B recipe, on GPUs)")
+                             "the same recipe, longer, about 45-50 minutes, hears and answers better; smoke: a few "
+                             "steps of each; speechgpt-7b: the paper's LLaMA-7B recipe, on GPUs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="change one setting of the preset, e.g. stage2.steps=900 or lm.dim=192 (repeatable)")
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parent / "tiny_data",

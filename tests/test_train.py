@@ -195,7 +195,7 @@ def test_the_toy_is_the_laptop_recipe_cut_short(tmp_path):
         "phone_epochs", "phone_speeds", "phone_recognizer", "typed_qa", "stage2", "stage3", "vocoder",
         "eval_sentences", "eval_spoken_questions"}
     # the toy's ears are the laptop's, hearing each utterance once
-    assert toy["phone_recognizer"] == {k: v for k, v in laptop["phone_recognizer"].items() if k != "listen_speeds"}
+    assert toy["phone_recognizer"] == dict(laptop["phone_recognizer"], listen_speeds=[])
     assert toy["stage2"]["steps"] < laptop["stage2"]["steps"] and toy["stage3"]["steps"] < laptop["stage3"]["steps"]
 
 
