@@ -152,10 +152,24 @@ def mel_to_hz(mel):
     return torch.where(mel >= min_log_mel, min_log_hz * torch.exp(logstep * (mel - min_log_mel)), f_sp * mel)
 
 
-def mel_filterbank(sr, n_fft, n_mels, f_min=0.0, f_max=None):
-    """Triangular filters on the Slaney mel scale, area-normalised. -> (n_mels, n_fft // 2 + 1)."""
+def vtlp_warped(hz, warp, nyquist, cutoff=4800.0):
+    """Vocal tract length perturbation's frequency warp (Jaitly & Hinton, 2013): hz * warp up to a
+    breakpoint (cutoff * min(warp, 1) / warp), then a straight line to the Nyquist frequency, which stays.
+    A filterbank read at warped frequencies sees a voice as another vocal tract would make it: with
+    warp 0.8 the filter at 1000 Hz takes the energy at 1250 Hz, every formant reads 20% lower."""
+    hz = torch.as_tensor(hz, dtype=torch.float64)
+    breakpoint = cutoff * min(warp, 1.0) / warp
+    above = nyquist - (nyquist - cutoff * min(warp, 1.0)) / (nyquist - breakpoint) * (nyquist - hz)
+    return torch.where(hz <= breakpoint, hz * warp, above)
+
+
+def mel_filterbank(sr, n_fft, n_mels, f_min=0.0, f_max=None, warp=1.0):
+    """Triangular filters on the Slaney mel scale, area-normalised. -> (n_mels, n_fft // 2 + 1).
+    warp != 1: the FFT bins are placed at `vtlp_warped` frequencies (a new voice's formants)."""
     f_max = sr / 2 if f_max is None else f_max
     fft_hz = torch.linspace(0, sr / 2, n_fft // 2 + 1, dtype=torch.float64)
+    if warp != 1.0:
+        fft_hz = vtlp_warped(fft_hz, warp, sr / 2)
     edges_hz = mel_to_hz(torch.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2, dtype=torch.float64))
     lower, center, upper = edges_hz[:-2, None], edges_hz[1:-1, None], edges_hz[2:, None]
     rising = (fft_hz - lower) / (center - lower)
@@ -165,12 +179,12 @@ def mel_filterbank(sr, n_fft, n_mels, f_min=0.0, f_max=None):
 
 
 def mel_spectrogram(wav, sr=SAMPLE_RATE, n_fft=400, hop_length=160, win_length=None, n_mels=80,
-                    f_min=0.0, f_max=None, power=2.0, center=True):
+                    f_min=0.0, f_max=None, power=2.0, center=True, warp=1.0):
     """Mel spectrogram with a Hann window. wav (..., T) -> (..., n_mels, frames).
 
     center=True pads n_fft // 2 on each side (reflect), like librosa; center=False gives
     floor((T - n_fft) / hop) + 1 frames, aligned with a conv front end of the same window and stride.
-    Differentiable, so the vocoder uses it as a loss.
+    Differentiable, so the vocoder uses it as a loss. warp: the filterbank's (`mel_filterbank`).
     """
     win_length = n_fft if win_length is None else win_length
     window = torch.hann_window(win_length, periodic=True, dtype=wav.dtype, device=wav.device)
@@ -178,7 +192,7 @@ def mel_spectrogram(wav, sr=SAMPLE_RATE, n_fft=400, hop_length=160, win_length=N
     spec = torch.stft(wav.reshape(-1, wav.shape[-1]), n_fft, hop_length, win_length, window,
                       center=center, pad_mode="reflect", return_complex=True)  # (B, n_fft//2+1, frames)
     spec = spec.abs().pow(power)
-    filters = mel_filterbank(sr, n_fft, n_mels, f_min, f_max).to(spec.device, spec.dtype)
+    filters = mel_filterbank(sr, n_fft, n_mels, f_min, f_max, warp).to(spec.device, spec.dtype)
     mel = filters @ spec  # (B, n_mels, frames)
     return mel.reshape(*batch_shape, n_mels, mel.shape[-1])
 
@@ -200,14 +214,14 @@ def dct_matrix(n_mfcc, n_mels):
 
 
 def mfcc(wav, sr=SAMPLE_RATE, n_mfcc=13, n_fft=400, hop_length=160, win_length=None, n_mels=40,
-         f_min=0.0, f_max=None, center=True):
+         f_min=0.0, f_max=None, center=True, warp=1.0):
     """Mel-frequency cepstral coefficients: DCT of the power mel spectrogram in decibels.
 
     The classic speech feature that HuBERT's first iteration clusters into targets.
     wav (..., T) -> (..., n_mfcc, frames). Same conventions as librosa.feature.mfcc
-    (with power_to_db(top_db=None)).
+    (with power_to_db(top_db=None)). warp: the filterbank's (`mel_filterbank`).
     """
-    mel = mel_spectrogram(wav, sr, n_fft, hop_length, win_length, n_mels, f_min, f_max, 2.0, center)
+    mel = mel_spectrogram(wav, sr, n_fft, hop_length, win_length, n_mels, f_min, f_max, 2.0, center, warp)
     mel_db = 10.0 * torch.log10(torch.clamp(mel, min=1e-10))
     return torch.matmul(dct_matrix(n_mfcc, n_mels).to(mel_db), mel_db)  # (..., n_mfcc, frames)
 

@@ -26,11 +26,11 @@ from .trainer import lr_at
 from .units import fit_kmeans
 
 
-def mfcc_features(wav):
+def mfcc_features(wav, warp=1.0):
     """Iteration-1 targets' features: 13 MFCCs + deltas + delta-deltas at 50 Hz, frame-aligned with
     the conv extractor (window 400, hop 320, no centring: floor((T - 400) / 320) + 1 frames).
-    wav (T,) -> (T', 39)."""
-    cep = mfcc(wav, hop_length=320, n_fft=400, center=False)  # (13, T')
+    warp: the filterbank's (audio.mel_filterbank). wav (T,) -> (T', 39)."""
+    cep = mfcc(wav, hop_length=320, n_fft=400, center=False, warp=warp)  # (13, T')
     d1 = deltas(cep)
     return torch.cat([cep, d1, deltas(d1)], dim=0).T  # (T', 39)
 

@@ -101,9 +101,10 @@ def speed_perturbed(wav, factor):
     return torch.from_numpy(resample(np.asarray(wav, dtype=np.float64), round(SAMPLE_RATE * factor), SAMPLE_RATE)).float()
 
 
-def normalised_mfcc(wav):
-    """wav (T,) at 16 kHz -> (T', 39) MFCCs with deltas, zero mean and unit variance over the utterance."""
-    features = mfcc_features(wav)
+def normalised_mfcc(wav, warp=1.0):
+    """wav (T,) at 16 kHz -> (T', 39) MFCCs with deltas, zero mean and unit variance over the utterance.
+    warp != 1: read through a filterbank warped as for another vocal tract (audio.vtlp_warped)."""
+    features = mfcc_features(wav, warp)
     return (features - features.mean(0)) / (features.std(0) + 1e-5)
 
 

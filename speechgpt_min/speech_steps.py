@@ -11,6 +11,7 @@ Each step is step_NAME(args, settings, report, corpus): it writes into the run d
 and adds its numbers to `report`, which train.py saves as report.json.
 """
 import json
+import random
 from pathlib import Path
 
 from tqdm import tqdm
@@ -116,7 +117,21 @@ def learn_phone_units(args, settings, train_rows, wavs, corpus_rows):
                                         epochs=settings["phone_epochs"], seed=args.seed, device=args.device)
     recognizer.save_pretrained(args.out / "phones")
     print("units: recognising the corpus")
-    return recognizer.hear(wavs, features, progress=True), recognizer.config.phones
+    units = recognizer.hear(wavs, features, progress=True)
+    # The LM learns to read the ears' units from training speech they hear well, and is tested on voices
+    # they mishear. So a share of its training speech (not the answer voice's: TTS targets and spoken
+    # answers stay as heard) is heard as if another vocal tract had spoken it: filterbank warped,
+    # heard once. Its units then carry errors much like a new voice's (README, "Speech to units").
+    share, warp = settings["warped_hearing"]["share"], settings["warped_hearing"]["warp"]
+    rng = random.Random(args.seed)
+    warped = [i for i, r in enumerate(corpus_rows) if r["split"] == "train" and r["voice"] != settings["answer_voice"]
+              and rng.random() < share]
+    if warped:
+        print(f"units: {len(warped)} training utterances heard again, filterbank warped {warp}")
+        heard = recognizer.recognize([normalised_mfcc(wavs[i], warp) for i in tqdm(warped, desc="MFCC, warped")])
+        for i, phones in zip(warped, heard):
+            units[i] = phones
+    return units, recognizer.config.phones
 
 
 def learn_hubert_units(args, settings, train_wavs, wavs, rows, report):

@@ -8,7 +8,7 @@ import soundfile as sf
 import torch
 
 from speechgpt_min.audio import (AudioError, deltas, load_audio, log_mel_spectrogram, mel_filterbank,
-                                 mel_spectrogram, mfcc, read_packed, save_audio)
+                                 mel_spectrogram, mfcc, read_packed, save_audio, vtlp_warped)
 
 
 def tone(seconds=0.5, sr=16000, hz=440.0, channels=1):
@@ -145,6 +145,22 @@ def test_mel_filterbank_matches_librosa(n_fft, n_mels, f_max, librosa):
     ours = mel_filterbank(16000, n_fft, n_mels, f_max=f_max)
     reference = librosa.filters.mel(sr=16000, n_fft=n_fft, n_mels=n_mels, fmax=f_max)
     torch.testing.assert_close(ours, torch.from_numpy(reference), atol=1e-6, rtol=1e-4)
+
+
+def test_a_warped_filterbank_reads_formants_lower_or_higher():
+    """VTLP: below the breakpoint every frequency is scaled by the warp, 0 and the Nyquist frequency stay,
+    and the warp is continuous and increasing; warp 1 is the plain filterbank; warped 0.8, a 1250 Hz tone
+    peaks in the band where a 1000 Hz tone peaks unwarped."""
+    hz = torch.linspace(0, 8000, 801, dtype=torch.float64)
+    for warp in (0.8, 1.2):
+        warped = vtlp_warped(hz, warp, 8000.0)
+        assert warped[0] == 0 and abs(float(warped[-1]) - 8000) < 1e-9 and bool((warped.diff() > 0).all())
+        low = hz <= 3000
+        torch.testing.assert_close(warped[low], hz[low] * warp)
+    torch.testing.assert_close(mel_filterbank(16000, 400, 40, warp=1.0), mel_filterbank(16000, 400, 40))
+    def peak_band(hz, warp):
+        return int(mel_spectrogram(torch.from_numpy(tone(hz=hz)).float(), n_mels=40, warp=warp).mean(-1).argmax())
+    assert peak_band(1250.0, 0.8) == peak_band(1000.0, 1.0) != peak_band(1250.0, 1.0)
 
 
 @pytest.mark.parametrize("center", [True, False])

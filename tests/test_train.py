@@ -91,6 +91,7 @@ def test_every_step_writes_its_part_and_the_report(smoke_run):
     assert all(r["text_loss"] > 0 for r in stage2)
     units = [json.loads(line) for line in (run_dir / "units.jsonl").read_text().splitlines()]
     assert all(len(u["units"]) == len(u["durations"]) > 0 for u in units)
+    assert "training utterances heard again, filterbank warped 0.9" in result.stdout  # warped_hearing
     assert 0.0 <= report["units.pnmi"] <= 1.0 and report["vocoder.rtf"] > 0
 
 
@@ -231,7 +232,9 @@ def test_skipped_stages_hand_their_place_to_the_last_stage_that_ran():
                          ("typed_qa.stage2=all", r"typed_qa\.stage2='all': how many times stage0 or stage2"),
                          ("typed_qa.stage3=1", "unknown setting 'stage3'; settings here: stage0, stage2"),
                          ("stage2.text_weight=-1", "stage2: text_batch_size and text_weight must be >= 0"),
-                         ("stage3.batch_size=0", "stage3: batch_size must be >= 1")):
+                         ("stage3.batch_size=0", "stage3: batch_size must be >= 1"),
+                         ("warped_hearing.share=2", r"warped_hearing=.*share is the fraction"),
+                         ("warped_hearing.warp=0", r"warped_hearing=.*warp the filterbank's factor")):
         with pytest.raises(UserError, match=message):
             main(["--preset", "smoke", "--set", bad, "--stage", "stage2"])
 
