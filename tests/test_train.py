@@ -193,10 +193,12 @@ def test_the_toy_is_the_laptop_recipe_cut_short(tmp_path):
         for stage in [s for s in LM_STAGES if preset[s]["steps"] > 0]:  # stages 0 and 1 are skipped
             train_config(args, preset, stage)  # a TrainConfig: raises on a bad setting
     assert set(toy) == set(laptop) and {key for key in laptop if toy[key] != laptop[key]} <= {
-        "phone_epochs", "phone_speeds", "phone_recognizer", "typed_qa", "stage2", "stage3", "vocoder",
-        "eval_sentences", "eval_spoken_questions"}
+        "phone_epochs", "phone_speeds", "phone_recognizer", "warped_hearing", "typed_qa", "stage2", "stage3",
+        "vocoder", "eval_sentences", "eval_spoken_questions"}
     # the toy's ears are the laptop's, hearing each utterance once
     assert toy["phone_recognizer"] == dict(laptop["phone_recognizer"], listen_speeds=[])
+    # and its LM learns from the training speech as heard, none of it warped
+    assert toy["warped_hearing"]["share"] == 0 < laptop["warped_hearing"]["share"]
     assert toy["stage2"]["steps"] < laptop["stage2"]["steps"] and toy["stage3"]["steps"] < laptop["stage3"]["steps"]
 
 
