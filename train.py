@@ -9,9 +9,9 @@ Steps, in order (each writes into the run directory and adds its numbers to repo
   units   the toy's ears: a phone recogniser (phones.py) learnt from festival's alignments and forced
           alignment, or with --set units=hubert HuBERT pretraining + k-means; units for every
           utterance (units.jsonl), and their quality: PNMI and phone accuracy on held-out speech, and
-          how alike one sentence's units are in two voices. With warped_hearing.share > 0 (laptop: 0.5)
-          that share of the training speech is heard as a new voice (filterbank warped), so the LM
-          learns from units with a new voice's errors.
+          how alike one sentence's units are in two voices. With phones and warped_hearing.share > 0
+          (laptop: 0.5) that share of the training speech is heard as a new voice (filterbank
+          warped), so the LM learns from units with a new voice's errors.
   stage0  text pretraining: the LM learns the corpus's text and answers the training questions typed
           (the toy's stand-in for what LLaMA brings: the world's facts, learnt from text, and answering
           in text). The toy and laptop presets skip it, stage0.steps=0: it slows the speech stages down
