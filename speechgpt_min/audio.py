@@ -154,7 +154,8 @@ def mel_to_hz(mel):
 
 def vtlp_warped(hz, warp, nyquist, cutoff=4800.0):
     """Vocal tract length perturbation's frequency warp (Jaitly & Hinton, 2013): hz * warp up to a
-    breakpoint (cutoff * min(warp, 1) / warp), then a straight line to the Nyquist frequency, which stays.
+    breakpoint (cutoff * min(warp, 1) / warp), then a straight line to the Nyquist frequency, which stays
+    (cutoff below the Nyquist frequency: 4800 Hz suits 16 kHz audio).
     A filterbank read at warped frequencies sees a voice as another vocal tract would make it: with
     warp 0.8 the filter at 1000 Hz takes the energy at 1250 Hz, every formant reads 20% lower."""
     hz = torch.as_tensor(hz, dtype=torch.float64)

@@ -45,21 +45,24 @@ def load_wavs(data_dir, rows):
 
 def step_units(args, settings, report, corpus):
     """The ears: a phone recogniser (the toy default) or HuBERT + k-means, learnt from the training
-    speech; then units for the whole corpus (units.jsonl) and their quality."""
+    speech; then units for the whole corpus (units.jsonl: what the LM learns from, some of it warped
+    with warped_hearing) and the quality of the units as the ears hear them."""
     rows = corpus.rows
     print(f"units: loading {len(rows)} utterances from {args.data}")
     wavs = load_wavs(args.data, rows)
     train_rows = [(w, r) for w, r in zip(wavs, rows) if r["split"] == "train"]
     print(f"units: {len(train_rows)} training utterances, {sum(len(w) for w, _ in train_rows) / 16000 / 60:.1f} min")
     if settings["units"] == "phones":
-        frame_units, names = learn_phone_units(args, settings, train_rows, wavs, rows)
+        frame_units, recognizer = learn_phone_units(args, settings, train_rows, wavs, rows)
+        names, lm_units = recognizer.config.phones, warped_hearing(args, settings, recognizer, wavs, rows, frame_units)
     else:
         frame_units, names = learn_hubert_units(args, settings, [w for w, _ in train_rows], wavs, rows, report)
-    merged = {}
-    with open(args.out / "units.jsonl", "w") as f:
-        for row, units in zip(rows, frame_units):
-            merged[row["id"]], durations = (u.tolist() for u in dedup(units))
-            f.write(json.dumps({"id": row["id"], "units": merged[row["id"]], "durations": durations}) + "\n")
+        lm_units = frame_units
+    with open(args.out / "units.jsonl", "w") as f:  # what the LM learns from
+        for row, units in zip(rows, lm_units):
+            merged_units, durations = (u.tolist() for u in dedup(units))
+            f.write(json.dumps({"id": row["id"], "units": merged_units, "durations": durations}) + "\n")
+    merged = {row["id"]: dedup(units)[0].tolist() for row, units in zip(rows, frame_units)}  # as the ears hear
 
     # Unit quality on held-out speech with phone alignments: the unseen voice, and the seen voices' test split.
     for split, suffix in (("test_unseen_voice", ""), ("test", "_seen_voices")):
@@ -98,7 +101,8 @@ def phone_error_rate(utterances, names):
 
 
 def learn_phone_units(args, settings, train_rows, wavs, corpus_rows):
-    """The toy's ears: a phone recogniser, from festival's alignments and forced alignment (phones.py)."""
+    """The toy's ears: a phone recogniser, from festival's alignments and forced alignment (phones.py).
+    -> (the corpus's phones per frame, as heard; the recogniser)"""
     labels = [frame_phones(read_segs(args.data / r["alignment"]), n_frames(w)) if r.get("alignment") else None
               for w, r in train_rows]
     if not any(labels) or not all(r.get("phones") for _, r in train_rows):
@@ -117,21 +121,26 @@ def learn_phone_units(args, settings, train_rows, wavs, corpus_rows):
                                         epochs=settings["phone_epochs"], seed=args.seed, device=args.device)
     recognizer.save_pretrained(args.out / "phones")
     print("units: recognising the corpus")
-    units = recognizer.hear(wavs, features, progress=True)
-    # The LM learns to read the ears' units from training speech they hear well, and is tested on voices
-    # they mishear. So a share of its training speech (not the answer voice's: TTS targets and spoken
-    # answers stay as heard) is heard as if another vocal tract had spoken it: filterbank warped,
-    # heard once. Its units then carry errors much like a new voice's (README, "Speech to units").
+    return recognizer.hear(wavs, features, progress=True), recognizer
+
+
+def warped_hearing(args, settings, recognizer, wavs, rows, frame_units):
+    """The units the LM learns from: the corpus's `frame_units`, but a share of the training speech heard again.
+
+    The LM learns to read the ears' units from training speech they hear well, and is tested on voices
+    they mishear. So a share of its training speech (not the answer voice's: TTS targets and spoken
+    answers stay as heard) is heard as if another vocal tract had spoken it: filterbank warped, heard
+    once. Its units then carry errors much like a new voice's (README, "Speech to units")."""
     share, warp = settings["warped_hearing"]["share"], settings["warped_hearing"]["warp"]
     rng = random.Random(args.seed)
-    warped = [i for i, r in enumerate(corpus_rows) if r["split"] == "train" and r["voice"] != settings["answer_voice"]
+    warped = [i for i, r in enumerate(rows) if r["split"] == "train" and r["voice"] != settings["answer_voice"]
               and rng.random() < share]
-    if warped:
-        print(f"units: {len(warped)} training utterances heard again, filterbank warped {warp}")
-        heard = recognizer.recognize([normalised_mfcc(wavs[i], warp) for i in tqdm(warped, desc="MFCC, warped")])
-        for i, phones in zip(warped, heard):
-            units[i] = phones
-    return units, recognizer.config.phones
+    if not warped:
+        return frame_units
+    print(f"units: {len(warped)} training utterances heard again, filterbank warped {warp}")
+    features = [normalised_mfcc(wavs[i], warp) for i in tqdm(warped, desc="MFCC, warped")]
+    heard = dict(zip(warped, recognizer.recognize(features)))
+    return [heard.get(i, units) for i, units in enumerate(frame_units)]
 
 
 def learn_hubert_units(args, settings, train_wavs, wavs, rows, report):
