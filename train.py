@@ -10,8 +10,8 @@ Steps, in order (each writes into the run directory and adds its numbers to repo
           alignment, or with --set units=hubert HuBERT pretraining + k-means; units for every
           utterance (units.jsonl), and their quality: PNMI and phone accuracy on held-out speech, and
           how alike one sentence's units are in two voices. With phones and warped_hearing.share > 0
-          (laptop: 0.5) that share of the training speech is heard as a new voice (filterbank
-          warped), so the LM learns from units with a new voice's errors.
+          (laptop: 0.75) that share of the training speech is heard as a new voice (filterbank
+          warped 0.8 or 1.2), so the LM learns from units with a new voice's errors.
   stage0  text pretraining: the LM learns the corpus's text and answers the training questions typed
           (the toy's stand-in for what LLaMA brings: the world's facts, learnt from text, and answering
           in text). The toy and laptop presets skip it, stage0.steps=0: it slows the speech stages down
@@ -76,9 +76,9 @@ DEFAULTS = {
         # each change of phone costs 1.5; each utterance is also heard 0.85x and 1.15x as fast (recipe §16, §17)
         phone_recognizer=dict(channels=192, switch_penalty=1.5, listen_speeds=[0.85, 1.15]),
         phone_speeds=[0.9, 1.1],   # speed-perturbed copies of the training speech in its rounds 2 and 3
-        # half the LM's training speech (not the answer voice) heard with the filterbank warped 0.8, as a new
-        # voice: the LM learns the ears' errors too (recipe §18)
-        warped_hearing=dict(share=0.5, warp=0.8),
+        # three quarters of the LM's training speech (not the answer voice) heard as a new voice, the filterbank
+        # warped 0.8 or 1.2 in turn: the LM learns the ears' errors too (recipe §18, §19)
+        warped_hearing=dict(share=0.75, warps=[0.8, 1.2]),
         hubert_preset="toy", n_units=100, hubert_steps=[700], target_layer=0, unit_layer=1,  # with units=hubert
         lm_preset="toy", lm={}, block_size=256, answer_voice=ANSWER_VOICE,
         typed_qa=dict(stage0=4, stage2=1),  # copies of the training pairs, typed, in a stage's text (recipe §13, §14)
@@ -99,7 +99,7 @@ DEFAULTS = {
     ),
     # A few steps of everything: checks that the pipeline runs end to end (the tests use it).
     "smoke": dict(
-        units="phones", phone_epochs=[1, 1], phone_speeds=[1.1], warped_hearing=dict(share=0.5, warp=0.9),
+        units="phones", phone_epochs=[1, 1], phone_speeds=[1.1], warped_hearing=dict(share=0.5, warps=[0.9]),
         phone_recognizer=dict(channels=32, switch_penalty=1.5, listen_speeds=[1.1]),
         hubert_preset="toy", n_units=20, hubert_steps=[2, 2], target_layer=2, unit_layer=3,
         lm_preset="toy", lm={}, block_size=64, answer_voice=ANSWER_VOICE,
@@ -263,10 +263,12 @@ def main(argv=None):
             if isinstance(copies, bool) or not isinstance(copies, (int, float)) or copies < 0:
                 raise UserError(f"{name}.{stage}={copies!r}: how many times {' or '.join(stages)} reads {what} "
                                 f"(a number: 0 none, 0.25 a quarter of them, 2 twice)")
-    share, warp = settings["warped_hearing"]["share"], settings["warped_hearing"]["warp"]
-    if not (isinstance(share, (int, float)) and 0 <= share <= 1 and isinstance(warp, (int, float)) and warp > 0):
+    share, warps = settings["warped_hearing"]["share"], settings["warped_hearing"]["warps"]
+    if not (isinstance(share, (int, float)) and 0 <= share <= 1 and isinstance(warps, (list, tuple)) and warps
+            and all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in warps)):
         raise UserError(f"warped_hearing={settings['warped_hearing']!r}: share is the fraction of the training "
-                        f"utterances heard warped (0 to 1), warp the filterbank's factor (> 0, e.g. 0.8)")
+                        f"utterances heard warped (0 to 1), warps the filterbank's factors, taken in turn "
+                        f"(numbers > 0, e.g. [0.8, 1.2])")
     for stage in [s for s in steps if s in LM_STAGES]:  # a bad --set stage2.X: one line now, not after the units step
         try:
             TrainConfig(**settings[stage])

@@ -130,15 +130,16 @@ def warped_hearing(args, settings, recognizer, wavs, rows, frame_units):
     The LM learns to read the ears' units from training speech they hear well, and is tested on voices
     they mishear. So a share of its training speech (not the answer voice's: TTS targets and spoken
     answers stay as heard) is heard as if another vocal tract had spoken it: filterbank warped, heard
-    once. Its units then carry errors much like a new voice's (README, "Speech to units")."""
-    share, warp = settings["warped_hearing"]["share"], settings["warped_hearing"]["warp"]
+    once, the picked utterances taking the warps in turn (a longer vocal tract, a shorter one, ...). Its
+    units then carry errors much like a new voice's (README, "Speech to units")."""
+    share, warps = settings["warped_hearing"]["share"], settings["warped_hearing"]["warps"]
     rng = random.Random(args.seed)
     warped = [i for i, r in enumerate(rows) if r["split"] == "train" and r["voice"] != settings["answer_voice"]
               and rng.random() < share]
     if not warped:
         return frame_units
-    print(f"units: {len(warped)} training utterances heard again, filterbank warped {warp}")
-    features = [normalised_mfcc(wavs[i], warp) for i in tqdm(warped, desc="MFCC, warped")]
+    print(f"units: {len(warped)} training utterances heard again, filterbank warped {' or '.join(map(str, warps))}")
+    features = [normalised_mfcc(wavs[i], warps[n % len(warps)]) for n, i in enumerate(tqdm(warped, desc="MFCC, warped"))]
     heard = dict(zip(warped, recognizer.recognize(features)))
     return [heard.get(i, units) for i, units in enumerate(frame_units)]
 

@@ -236,7 +236,8 @@ def test_skipped_stages_hand_their_place_to_the_last_stage_that_ran():
                          ("stage2.text_weight=-1", "stage2: text_batch_size and text_weight must be >= 0"),
                          ("stage3.batch_size=0", "stage3: batch_size must be >= 1"),
                          ("warped_hearing.share=2", r"warped_hearing=.*share is the fraction"),
-                         ("warped_hearing.warp=0", r"warped_hearing=.*warp the filterbank's factor")):
+                         ("warped_hearing.warps=[0.8,0]", r"warped_hearing=.*warps the filterbank's factors"),
+                         ("warped_hearing.warps=0.8", r"warped_hearing=.*warps the filterbank's factors")):
         with pytest.raises(UserError, match=message):
             main(["--preset", "smoke", "--set", bad, "--stage", "stage2"])
 
