@@ -95,6 +95,32 @@ def test_every_step_writes_its_part_and_the_report(smoke_run):
     assert 0.0 <= report["units.pnmi"] <= 1.0 and report["vocoder.rtf"] > 0
 
 
+def test_warped_hearing_hears_a_share_of_the_training_speech_through_the_warps_in_turn():
+    """Only training utterances outside the answer voice are heard again, each picked one through the
+    next warp of the list; the rest keep the units as heard."""
+    from argparse import Namespace
+    from speechgpt_min.phones import normalised_mfcc
+    from speechgpt_min.speech_steps import warped_hearing
+
+    class Ears:  # records what it hears; its "units" say which utterance it was
+        def recognize(self, features):
+            self.heard = features
+            return [torch.full((3,), 100 + n) for n in range(len(features))]
+
+    wavs = [torch.randn(4000, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    rows = [dict(split="train", voice="a"), dict(split="train", voice="answer"), dict(split="test", voice="a"),
+            dict(split="train", voice="b"), dict(split="train", voice="a"), dict(split="train", voice="b")]
+    as_heard = [torch.zeros(3, dtype=torch.long) + i for i in range(6)]
+    settings = dict(warped_hearing=dict(share=1.0, warps=[0.8, 1.2]), answer_voice="answer")
+    ears = Ears()
+    units = warped_hearing(Namespace(seed=0), settings, ears, wavs, rows, as_heard)
+    assert [int(u[0]) for u in units] == [100, 1, 2, 101, 102, 103]  # the answer voice and the test split as heard
+    for features, i, warp in zip(ears.heard, [0, 3, 4, 5], [0.8, 1.2, 0.8, 1.2]):
+        torch.testing.assert_close(features, normalised_mfcc(wavs[i], warp))
+    settings["warped_hearing"]["share"] = 0.0
+    assert warped_hearing(Namespace(seed=0), settings, ears, wavs, rows, as_heard) is as_heard
+
+
 def test_phone_error_rate_merges_repeats_and_leaves_out_pauses():
     from speechgpt_min.speech_steps import phone_error_rate
 
