@@ -95,6 +95,30 @@ def test_every_step_writes_its_part_and_the_report(smoke_run):
     assert 0.0 <= report["units.pnmi"] <= 1.0 and report["vocoder.rtf"] > 0
 
 
+def test_the_analysis_scripts_read_a_finished_run(smoke_run, small_corpus):
+    """scripts/spoken_misses.py and hearing_vote.py on every unseen-voice test question of the smoke run."""
+    run_dir, _ = smoke_run
+
+    def script(name, *args):
+        result = subprocess.run([sys.executable, str(ROOT / "scripts" / name), "--run", str(run_dir), "--data",
+                                 str(small_corpus), *args], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    misses = script("spoken_misses.py", "--split", "test_unseen_voice", "--questions", "0", "--quiet")
+    unseen = {r["id"] for r in map(json.loads, (small_corpus / "manifest.jsonl").read_text().splitlines())
+              if r["split"] == "test_unseen_voice"}
+    asked = sum(qid in unseen for p in map(json.loads, (small_corpus / "qa.jsonl").read_text().splitlines())
+                if p["split"] == "test" for qid in p["question"]["audio"])
+    assert asked > 0 and f"of {asked} answered right" in misses
+    assert not [line for line in misses.splitlines() if line.startswith("  ")]  # --quiet: no misses listed
+    vote = [line.strip() for line in script("hearing_vote.py").splitlines()]
+    scores = {line.split(": ")[0]: float(line.split(": ")[-1]) for line in vote if line.startswith(("heard", "by"))}
+    assert len(scores) == 10 and f"{asked} spoken test questions" in vote[0]
+    singles = [v for k, v in scores.items() if k.startswith("heard")]
+    assert max(singles) <= scores["by at least one of the 8 hearings"] <= 1  # the ceiling of any choice
+
+
 def test_warped_hearing_hears_a_share_of_the_training_speech_through_the_warps_in_turn():
     """Only training utterances outside the answer voice are heard again, each picked one through the
     next warp of the list; the rest keep the units as heard."""
