@@ -13,9 +13,7 @@ gets (ties: the run's own hearing's answer first) of six: the run's, as it is, 0
 and 1.1 (docs/recipe.md §20).
 """
 import argparse
-import json
 import sys
-from argparse import Namespace
 from collections import Counter
 from pathlib import Path
 
@@ -25,8 +23,8 @@ from speechgpt_min.audio import load_audio
 from speechgpt_min.evaluate import evaluate_chain, normalize_text
 from speechgpt_min.phones import PhoneRecognizer, normalised_mfcc, speed_perturbed, stretched
 from speechgpt_min.pipeline import SpeechGPT
-from speechgpt_min.run_corpus import Corpus, UserError
 from speechgpt_min.units import dedup
+from spoken_misses import finished_run  # scripts/, beside this file
 
 REPO = Path(__file__).resolve().parent.parent
 SPEEDS = (0.85, 1.15, 0.9, 1.1)
@@ -54,15 +52,9 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not (args.run / "phones").is_dir() or not (args.run / "stage3" / "adapter").is_dir():
-        sys.exit(f"{args.run}: no finished run with a phone recogniser (phones/, stage3/adapter); "
-                 f"python train.py --out {args.run}")
-    settings = json.loads((args.run / "settings.json").read_text())
-    try:
-        corpus = Corpus(Namespace(data=args.data, out=args.run), settings)
-        units = corpus.units()
-    except UserError as error:
-        sys.exit(str(error))
+    settings, corpus, units = finished_run(args.run, args.data)
+    if not (args.run / "phones").is_dir():
+        sys.exit(f"{args.run}: its units are not phones (no phones/ recogniser); python train.py --set units=phones")
     asked = [(qid, p) for p in corpus.pairs if p["split"] == "test" for qid in p["question"]["audio"]
              if corpus.by_id[qid]["split"] == args.split]
     recognizer = PhoneRecognizer.from_pretrained(args.run / "phones")

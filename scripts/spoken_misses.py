@@ -26,6 +26,18 @@ from speechgpt_min.run_corpus import Corpus, UserError
 REPO = Path(__file__).resolve().parent.parent
 
 
+def finished_run(run, data):
+    """A finished run's (settings, Corpus, units), or exit with one line saying what is missing."""
+    if not (run / "stage3" / "adapter").is_dir() or not (run / "settings.json").is_file():
+        sys.exit(f"{run}: no finished run (settings.json, stage-3 adapter); python train.py --out {run}")
+    settings = json.loads((run / "settings.json").read_text())
+    try:
+        corpus = Corpus(Namespace(data=data, out=run), settings)
+        return settings, corpus, corpus.units()
+    except UserError as error:
+        sys.exit(str(error))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a finished run directory (train.py --out)")
@@ -34,21 +46,14 @@ def main():
                         help="whose recordings: the seen voices' (test) or the unseen voice's")
     parser.add_argument("--questions", type=int, default=None,
                         help="how many, evenly spread (default: the eval's eval_spoken_questions; 0: every one, "
-                             "e.g. 520 in the unseen voice: a steadier measure than the eval's 60)")
+                             "453 in the unseen voice: a steadier measure than the eval's 60)")
     parser.add_argument("--quiet", action="store_true", help="the counts only, not the misses")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
     args = parser.parse_args()
     if args.questions is not None and args.questions < 0:
         sys.exit("--questions must be >= 0 (0: every question)")
     torch.set_num_threads(args.threads)
-    if not (args.run / "stage3" / "adapter").is_dir() or not (args.run / "settings.json").is_file():
-        sys.exit(f"{args.run}: no finished run (settings.json, stage-3 adapter); python train.py --out {args.run}")
-    settings = json.loads((args.run / "settings.json").read_text())
-    try:
-        corpus = Corpus(Namespace(data=args.data, out=args.run), settings)
-        units = corpus.units()
-    except UserError as error:
-        sys.exit(str(error))
+    settings, corpus, units = finished_run(args.run, args.data)
     items = corpus.spoken_questions("test", args.split, units)
     wanted = settings["eval_spoken_questions"] if args.questions is None else args.questions
     if wanted:
